@@ -1,0 +1,26 @@
+# `make run` and `make test` work on a fresh machine with Python 3.11, gcc and make.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+# llama-cpp-python compiles from source the first time (~10 min on 2 cores); pip caches the wheel.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/edison serve
+
+test: setup
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

