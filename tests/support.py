@@ -42,6 +42,7 @@ BASE_CONFIG: dict[str, Any] = {
     "modes": {
         "chat": {"description": "greedy chat", "system_prompt": "You are a helpful assistant.", "temperature": 0.0,
                  "seed": 1, "max_tokens": 48, "repeat_penalty": 1.0},
+        "brief": {"description": "four tokens", "temperature": 0.0, "seed": 1, "max_tokens": 4},
         "long": {"description": "greedy, long replies", "system_prompt": "", "temperature": 0.0, "seed": 1,
                  "max_tokens": 3000, "repeat_penalty": 1.0},
     },
