@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edison.messages import Done, Progress, Sampling, Token
-from edison.pool import Event, Failure, Pool, Queued, QueueFull, ShuttingDown, Stopped
+from edison.pool import Event, Failure, Pool, Queued, Stopped, Unavailable
 from edison.pool import Request as PoolRequest
 from edison.settings import REPO_ROOT, ModeSettings, Settings
 from edison.sse import EventStream, sse
@@ -56,7 +56,7 @@ def submit(pool: Pool, request_id: str, **job: Any) -> PoolRequest | JSONRespons
     """Hands a job to the pool, or answers why it cannot take one (503)."""
     try:
         return pool.submit(request_id=request_id, **job)
-    except (QueueFull, ShuttingDown) as exc:
+    except Unavailable as exc:
         return error(str(exc), 503)
 
 
@@ -162,11 +162,14 @@ def create_app(settings: Settings, pool: Pool) -> Starlette:
         finally:
             await pool.stop()
 
+    from edison.openai_api import openai_routes  # it builds on this module: imported once this one is
+
     routes: list[Route | Mount] = [
         Route("/chat/stream", chat_stream, methods=["POST"]),
         Route("/chat/cancel", chat_cancel, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/modes", modes, methods=["GET"]),
+        *openai_routes(),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))

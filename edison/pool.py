@@ -28,11 +28,19 @@ from edison.worker import EXIT_LOAD_FAILED
 logger = logging.getLogger("edison")
 
 
-class QueueFull(Exception):
+class Unavailable(Exception):
+    """The pool cannot take a job now (answered 503)."""
+
+
+class QueueFull(Unavailable):
     pass
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(Unavailable):
+    pass
+
+
+class NoWorkers(Unavailable):
     pass
 
 
@@ -84,6 +92,7 @@ class Pool:
         self.cancel_upto: Any = multiprocessing.get_context("spawn").RawArray("q", self.size)
         self.workers: list[WorkerProcess | None] = [None] * self.size
         self.failures = [0] * self.size  # consecutive failed starts per slot
+        self.given_up: set[int] = set()  # slots past their restart budget
         self.queue: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.job_ids = itertools.count(1)
@@ -147,6 +156,8 @@ class Pool:
     ) -> Request:
         if self.closing:
             raise ShuttingDown("server shutting down")
+        if len(self.given_up) == self.size:
+            raise NoWorkers("no model worker could be started; see the server log")
         job = Job(next(self.job_ids), request_id, sampling, messages, prompt, wedge_s)
         request = Request(job)
         worker = next((w for w in self.workers if w and w.state is WorkerState.IDLE), None)
@@ -204,6 +215,7 @@ class Pool:
         worker.state = WorkerState.BUSY
         worker.request = request
         request.worker = worker
+        logger.info("Request %s runs on worker %d (pid %s)", request.request_id, worker.slot, worker.pid)
         try:
             worker.send(request.job)
         except OSError:
@@ -320,6 +332,7 @@ class Pool:
             self.failures[slot] += 1
             if self.failures[slot] > self.settings.pool.restart_budget:
                 logger.error("Worker %d failed to start %d times in a row; giving up on it", slot, self.failures[slot])
+                self.given_up.add(slot)
                 self._fail_queue_if_no_workers()
                 return
             delay = min(30.0, self.settings.pool.restart_backoff_s * 2 ** (self.failures[slot] - 1))
@@ -328,7 +341,7 @@ class Pool:
         self.loop.call_later(delay, self.spawn_worker, slot)
 
     def _fail_queue_if_no_workers(self) -> None:
-        if any(w is not None for w in self.workers):
+        if len(self.given_up) < self.size:
             return
         for request in list(self.queue):
             self._finish(request, Failure("no model worker could be started; see the server log"))

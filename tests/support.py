@@ -329,9 +329,9 @@ class RawStream:
         )
         self.received = b""
 
-    def read_until(self, marker: bytes, timeout: float = 60.0) -> bytes:
+    def read_until(self, marker: bytes, timeout: float = 60.0, count: int = 1) -> bytes:
         deadline = time.monotonic() + timeout
-        while marker not in self.received:
+        while self.received.count(marker) < count:
             assert time.monotonic() < deadline, f"no {marker!r} in {self.received[-500:]!r}"
             chunk = self.sock.recv(65536)
             assert chunk, f"connection closed before {marker!r}"

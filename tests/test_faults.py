@@ -1,0 +1,137 @@
+"""Workers that are stopped, wedged in C, killed or never load; a service that is killed or
+told to stop. Each test starts its own service: these tests break processes on purpose."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.support import COUNTING, Service, Stream, alive, chat, long_prompt
+
+pytestmark = pytest.mark.timeout(180)
+
+MakeService = Callable[..., Service]
+
+
+def wait_gone(pid: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still alive after {within} s"
+        time.sleep(0.02)
+
+
+def wait_replaced(svc: Service, old_pid: int, workers: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while True:
+        health = svc.health()
+        pids = health["workers"]["pids"]
+        if health["workers"]["ready"] == workers and old_pid not in pids and len(pids) == workers:
+            svc.known_pids |= set(pids)
+            return pids
+        assert time.monotonic() < deadline, f"pool not back to {workers} ready workers: {health}"
+        time.sleep(0.1)
+
+
+def test_stopped_worker_is_killed_at_the_deadline_and_replaced(make_service: MakeService) -> None:
+    svc = make_service()
+    bystander = Stream(svc.url, {"message": COUNTING, "mode": "long"})
+    victim = Stream(svc.url, {"message": COUNTING, "mode": "long"})
+    victim.wait_for("token", count=3)
+    pid = svc.worker_for(victim.request_id)
+    bystander_pid = svc.worker_for(bystander.request_id)
+    os.kill(pid, signal.SIGSTOP)
+    cancelled_at = time.monotonic()
+    assert svc.cancel(victim.request_id)["status"] == "cancelled"
+    done = victim.done
+    assert done.data["ok"] is False and done.data["stopped"] is True
+    assert done.data["response"] == victim.text()
+    assert 0.9 < done.at - cancelled_at < 3.0  # judged at the 1 s deadline, not before
+    wait_gone(pid, within=3.0)
+    new_pids = wait_replaced(svc, pid, workers=2)
+    assert bystander_pid in new_pids  # nothing else in the pool was disturbed
+    assert not bystander.closed.is_set()
+    svc.cancel(bystander.request_id)
+    assert bystander.done.data["stopped"] is True
+    assert "missed the 1.0 s cancel deadline" in svc.log()
+
+
+def test_worker_wedged_in_native_code_is_killed_and_replaced(make_service: MakeService) -> None:
+    svc = make_service({"pool": {"workers": 1}})
+    stream = Stream(svc.url, {"message": "Hello", "debug_wedge_s": 60})
+    pid = svc.worker_for(stream.request_id)
+    time.sleep(0.3)
+    cancelled_at = time.monotonic()
+    svc.cancel(stream.request_id)
+    done = stream.done
+    assert done.data["stopped"] is True
+    assert done.at - cancelled_at < 3.0
+    wait_gone(pid, within=3.0)
+    wait_replaced(svc, pid, workers=1)
+    assert "Current thread" in svc.log() or "Thread 0x" in svc.log()  # faulthandler's stack dump
+    assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
+
+
+def test_killed_worker_fails_its_stream_and_is_replaced(make_service: MakeService) -> None:
+    svc = make_service()
+    stream = Stream(svc.url, {"message": COUNTING, "mode": "long"})
+    stream.wait_for("token", count=3)
+    pid = svc.worker_for(stream.request_id)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    done = stream.done
+    assert done.data["ok"] is False and "died" in done.data["error"]
+    assert done.at - killed_at < 3.0
+    wait_replaced(svc, pid, workers=2)
+    assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
+
+
+def test_killed_service_leaves_no_worker_behind(make_service: MakeService) -> None:
+    svc = make_service()
+    stream = Stream(svc.url, {"message": long_prompt(3000)})
+    busy_pid = svc.worker_for(stream.request_id)
+    pids = svc.worker_pids()
+    assert busy_pid in pids
+    svc.proc.kill()
+    for pid in pids:
+        wait_gone(pid, within=5.0)
+
+
+def test_sigterm_ends_every_stream_with_done_and_reaps_every_worker(make_service: MakeService) -> None:
+    svc = make_service({"pool": {"workers": 1, "queue_size": 2}})
+    running = Stream(svc.url, {"message": COUNTING, "mode": "long"})
+    running.wait_for("token", count=2)
+    queued = Stream(svc.url, {"message": "Hello"})
+    queued.wait_for("queued")
+    pids = svc.worker_pids()
+    svc.proc.send_signal(signal.SIGTERM)
+    for stream in (running, queued):
+        assert stream.done.data == {"ok": False, "error": "server shutting down"}
+    assert svc.proc.wait(timeout=15) == 0
+    for pid in pids:
+        wait_gone(pid, within=1.0)
+
+
+def test_model_that_fails_to_load_backs_off_and_health_says_503(make_service: MakeService, tmp_path) -> None:
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"this is not a GGUF file" * 100)
+    svc = make_service(
+        {"model": {"path": str(bad)}, "pool": {"workers": 1, "restart_budget": 2, "restart_backoff_s": 0.1}},
+        wait_ready=False,
+    )
+    deadline = time.monotonic() + 60
+    while "giving up" not in svc.log():
+        assert time.monotonic() < deadline, svc.log()
+        time.sleep(0.2)
+    import httpx
+
+    response = httpx.get(f"{svc.url}/health")
+    assert response.status_code == 503
+    assert response.json()["workers"]["ready"] == 0
+    assert svc.log().count("Model failed to load") == 3  # the first start and two respawns
+    assert "Respawning worker 0 in 0.1 s" in svc.log() and "Respawning worker 0 in 0.2 s" in svc.log()
+    refused = httpx.post(f"{svc.url}/chat/stream", json={"message": "Hello"})
+    assert refused.status_code == 503 and "no model worker" in refused.json()["error"]

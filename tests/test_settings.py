@@ -1,0 +1,57 @@
+"""A bad config value is a clear start-up error naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edison.settings import DEFAULT_CONFIG, ConfigError, load_settings
+from tests.support import REPO
+
+
+def test_shipped_config_loads_with_chat_and_code_modes() -> None:
+    settings = load_settings(DEFAULT_CONFIG)
+    assert settings.server.host == "127.0.0.1" and settings.server.port == 8811
+    assert {"chat", "code"} <= set(settings.modes) and settings.default_mode == "chat"
+    assert settings.pool.workers == 2 and settings.threads >= 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[pool]\nworkers = 0", "pool.workers"),
+        ("[pool]\nworkers = 'two'", "pool.workers"),
+        ("[pool]\ncancel_deadline_s = -1", "pool.cancel_deadline_s"),
+        ("[server]\nport = 70000", "server.port"),
+        ("[server]\nprot = 1", "server.prot: unknown key"),
+        ("[model]\nn_ctx = 1.5", "model.n_ctx"),
+        ("[modes.chat]\ntemperature = -0.5", "modes.chat.temperature"),
+        ("[modes.chat]\nstop = [1]", "modes.chat.stop"),
+        ("default_mode = 'nope'\n[modes.chat]", "default_mode"),
+        ("[sever]\nport = 1", "sever: unknown section"),
+        ("[pool\nworkers = 1", "not valid TOML"),
+    ],
+)
+def test_bad_value_names_its_key(tmp_path, toml: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load_settings(path)
+
+
+def test_flags_override_the_file() -> None:
+    settings = load_settings(DEFAULT_CONFIG, **{"server.port": 9999, "pool.workers": 3, "server.host": None})
+    assert settings.server.port == 9999 and settings.pool.workers == 3 and settings.server.host == "127.0.0.1"
+
+
+def test_cli_refuses_a_bad_config_with_the_key_and_exit_code_2(tmp_path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[pool]\nqueue_size = -3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edison", "serve", "--config", str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "pool.queue_size" in result.stderr and "Traceback" not in result.stderr
