@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
@@ -38,7 +38,7 @@ from edison.openai_validation import (
     parse_chat_completion,
     parse_completion,
 )
-from edison.pool import FINAL, Event, Failure, Pool, Queued, QueueFull, ShuttingDown, Stopped
+from edison.pool import FINAL, Event, Failure, Pool, Queued, QueueFull, ShuttingDown, Stopped, Unavailable
 from edison.pool import Request as PoolRequest
 from edison.settings import Settings
 from edison.sse import EventStream, watch_disconnect
@@ -72,6 +72,8 @@ def _answering(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             response = await handler(request, request_id)
         except ApiError as exc:
             response = JSONResponse(exc.body(), status_code=exc.status)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         except BadRequest as exc:  # from read_json_object: 413, 415, bad JSON
             code = "request_too_large" if exc.status == 413 else None
             response = JSONResponse(ApiError(exc.message, exc.status, code=code).body(), status_code=exc.status)
@@ -131,10 +133,9 @@ async def _complete(
     parsed = parse(data, model_ids(os.path.basename(pool.model_path)), settings)
     try:
         job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt)
-    except QueueFull as exc:
-        raise ApiError(str(exc), 503, code="queue_full", kind="server_error") from None
-    except ShuttingDown as exc:
-        raise ApiError(str(exc), 503, code="shutting_down", kind="server_error") from None
+    except Unavailable as exc:  # queue full, shutting down, or no worker could start
+        code = {QueueFull: "queue_full", ShuttingDown: "shutting_down"}.get(type(exc), "unavailable")
+        raise ApiError(str(exc), 503, code=code, kind="server_error") from None
     shape = Shape(request_id, int(time.time()), parsed.model, chat=parsed.messages is not None)
     logger.info(
         "OpenAI %s request %s (mode %s, %s)",
@@ -151,7 +152,7 @@ async def _complete(
     if final is None:
         return Response(status_code=499)  # the client is gone: this is never sent
     if isinstance(final, Failure):
-        raise failure_error(final)
+        raise failure_error(final, shape.chat)
     return JSONResponse(shape.body(final))
 
 
@@ -177,9 +178,9 @@ async def _next_final(job: PoolRequest) -> Event:
             return event
 
 
-def failure_error(failure: Failure) -> ApiError:
+def failure_error(failure: Failure, chat: bool) -> ApiError:
     if failure.error.startswith(PROMPT_TOO_LONG):
-        return ApiError(failure.error, 400, "messages", "context_length_exceeded")
+        return ApiError(failure.error, 400, "messages" if chat else "prompt", "context_length_exceeded")
     return ApiError(failure.error, 500, kind="server_error")
 
 
@@ -201,7 +202,7 @@ async def stream_chunks(job: PoolRequest, shape: Shape, include_usage: bool) -> 
         elif isinstance(event, Progress):
             yield f": {event.phase} {event.done}/{event.total}\n\n".encode()
         elif isinstance(event, Failure):
-            yield data_line(failure_error(event).body())
+            yield data_line(failure_error(event, shape.chat).body())
             break
         else:
             reason, usage = outcome(event)
