@@ -73,6 +73,7 @@ class Engine:
             eos=self._piece(self.llm.token_eos(), special=True).decode("utf-8", "replace"),
         )
         self.job_id = 0
+        self.reusable = 0  # KV positions filled by whole, aligned prefill chunks
         self._cancelled = cancelled
         # Kept on self: ctypes would free the trampoline while llama.cpp still holds it.
         self._abort = llama_cpp.ggml_abort_callback(lambda _data: self._cancelled(self.job_id))
@@ -150,19 +151,29 @@ class Engine:
             if self._cancelled(job.job_id):
                 raise Stopped("chunk")
             self._eval(tokens[i : i + self.prefill_chunk])
+            if i + self.prefill_chunk <= total:
+                self.reusable = i + self.prefill_chunk
             if chunked:
                 emit(Progress(job.job_id, min(i + self.prefill_chunk, total), total))
 
     def _reuse_prefix(self, tokens: list[int]) -> int:
-        """Keeps the KV cache of the prompt prefix shared with the last job (chat history)."""
+        """Keeps the KV cache of the whole prefill chunks this prompt shares with the last one.
+
+        Only whole chunks, at the offsets a cold run would use: a batch of another shape rounds
+        differently, and on a small model that flips greedy tokens (seen here: "Paris" cold,
+        "I am a French citizen" with the last prompt token evaluated alone). So a warm answer
+        is byte-identical to a cold one, and long chat histories still skip most of their prefill.
+        """
         llm = self.llm
-        limit = min(llm.n_tokens, len(tokens) - 1)  # always evaluate one token: fresh logits
+        limit = min(self.reusable, len(tokens) - 1)  # always evaluate one token: fresh logits
         same = 0
         while same < limit and llm.input_ids[same] == tokens[same]:
             same += 1
-        if same and llm._ctx.kv_cache_seq_rm(-1, same, -1):
-            llm.n_tokens = same
-            return same
+        keep = same - same % self.prefill_chunk
+        if keep and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+            self.reusable = keep
+            return keep
         self._clear()
         return 0
 
@@ -178,6 +189,7 @@ class Engine:
             raise
 
     def _clear(self) -> None:
+        self.reusable = 0
         self.llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
 
