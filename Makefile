@@ -19,7 +19,9 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/edison serve
 
+# The browser tests drive Debian's Chromium; the script installs it when missing (as root).
 test: setup
+	sh scripts/install-browser.sh
 	$(VENV)/bin/pytest
 
 clean:
