@@ -1,0 +1,68 @@
+"""How much of each benchmark a run does: `FULL` (the default, under 30 minutes on 2 cores)
+and `QUICK` (a small subset of everything, under 3 minutes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    decode_trials: int  # per system and per way of stopping (cancel, disconnect)
+    decode_tokens: tuple[int, int]  # the stop comes after a uniform random number of streamed tokens in this range
+    prefill_trials: int  # Edison, cancel
+    prefill_disconnect_trials: int  # Edison, disconnect
+    prefill_delay_s: tuple[float, float]  # the stop comes at a uniform random moment in this range after the send
+    # The baselines cannot stop a prefill, so each trial lasts until it ends: a few trials only.
+    # With `baseline_full_run`, the first one per baseline and way waits for the whole prefill
+    # (up to `full_cap_s`); the others give up `baseline_cap_s` after the stop ("≥ cap") and
+    # restart the server, which is what a user of such a server would have to do.
+    baseline_prefill_trials: int
+    baseline_full_run: bool
+    baseline_cap_s: float
+    full_cap_s: float
+    wedge_trials: int  # per kind (SIGSTOP, stuck in a native call)
+    throughput_runs: int  # per system
+    throughput_tokens: int
+    memory_workers: tuple[int, ...]  # Edison started afresh with each; 1 worker is the head-to-head one
+    load_trials: int
+    load_workers: int = 2
+    load_queue: int = 4
+
+
+FULL = Plan(
+    name="full",
+    decode_trials=30,
+    decode_tokens=(2, 24),
+    prefill_trials=30,
+    prefill_disconnect_trials=20,
+    prefill_delay_s=(0.3, 10.0),
+    baseline_prefill_trials=3,
+    baseline_full_run=True,
+    baseline_cap_s=15.0,
+    full_cap_s=300.0,
+    wedge_trials=10,
+    throughput_runs=5,
+    throughput_tokens=128,
+    memory_workers=(2, 4),
+    load_trials=15,
+)
+
+QUICK = Plan(
+    name="quick",
+    decode_trials=2,
+    decode_tokens=(2, 6),
+    prefill_trials=2,
+    prefill_disconnect_trials=2,
+    prefill_delay_s=(0.3, 1.5),
+    baseline_prefill_trials=1,
+    baseline_full_run=False,
+    baseline_cap_s=2.0,
+    full_cap_s=2.0,
+    wedge_trials=1,
+    throughput_runs=1,
+    throughput_tokens=16,
+    memory_workers=(),
+    load_trials=1,
+)

@@ -1,0 +1,381 @@
+"""The systems under test, one small class each, behind one interface.
+
+A `System` is an HTTP server in its own process(es), started by the benchmark on a free
+loopback port. It can `open` a streaming request (an `SSEStream`, normalised to
+init/token/progress/queued/done events), maybe `cancel` it, name the process that does the
+computing for it (`compute_pid`), and list its processes for the memory table. Adding
+another system (say llama.cpp's own `llama-server`) is one more subclass here and one more
+entry in `SYSTEMS`.
+
+Every process is started through a small shim that sets PR_SET_PDEATHSIG, so even a
+benchmark that is SIGKILLed leaves no server behind; `stop()` ends what it started by pid.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import psutil
+
+from benchmarks.client import Event, SSEStream, wait_until
+from benchmarks.workload import LONG_REPLY, REPLY_LENGTHS, SAMPLING, STOPS, transcript
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs argv[2:] with PR_SET_PDEATHSIG = SIGKILL, unless the parent (argv[1]) is already gone.
+# A shim instead of Popen(preexec_fn=...), which is unsafe in a process that has threads.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            return response.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL a process this benchmark started (or its service spawned), unless already gone."""
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            os.kill(pid, signal.SIGKILL)
+    except (psutil.Error, ProcessLookupError):
+        pass
+
+
+def memory(pid: int) -> dict[str, int]:
+    info = psutil.Process(pid).memory_full_info()
+    return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+
+class Process:
+    """One child process with its log file, started with the parent-death shim."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Call from the main thread: the death signal follows the thread that forks."""
+        log = open(self.log_path, "ab")
+        shim = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.argv]
+        env = {k: v for k, v in (self.env or os.environ).items() if k != "NOTIFY_SOCKET"}
+        self.popen = subprocess.Popen(shim, cwd=REPO, stdout=kwargs.pop("stdout", log), stderr=log, env=env, **kwargs)
+        log.close()
+        return self.popen
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, `grace` seconds, SIGKILL (straight to SIGKILL if `grace` is 0); always reaped."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self.popen = None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+class System:
+    """An HTTP server under test. Subclasses fill in the wire format and the processes."""
+
+    name: ClassVar[str]
+    can_cancel: ClassVar[bool] = True
+
+    def __init__(self, model_path: str, threads: int, workdir: Path) -> None:
+        self.model_path = model_path
+        self.threads = threads
+        self.workdir = workdir
+        self.port = 0
+        self.process: Process | None = None
+        self.starts = 0
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    # Lifecycle.
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def launch(self) -> None:
+        self.port = free_port()
+        self.starts += 1
+        self.process = Process(self.argv(), self.workdir / f"{self.name}-{self.starts}.log")
+        self.process.start()
+
+    def is_ready(self) -> bool:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process and self.process.alive(), f"{self.name} exited early:\n{self.process and self.process.log_tail()}"
+            try:
+                if self.is_ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready in {timeout} s:\n{self.process and self.process.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process:
+            self.process.stop(grace)
+
+    def restart(self) -> None:
+        """What a user of a server that cannot stop does: kill it (a graceful stop would wait
+        for the generation it cannot stop) and start it again."""
+        self.stop(grace=0)
+        self.launch()
+        self.wait_ready()
+
+    # Requests.
+
+    def open(self, message: str, max_tokens: int = LONG_REPLY, **extra: Any) -> SSEStream:
+        raise NotImplementedError
+
+    def cancel(self, stream: SSEStream) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name} has no cancel; only a disconnect stops it")
+
+    def compute_pid(self, stream: SSEStream) -> int:
+        assert self.process
+        return self.process.pid  # one process does everything
+
+    def processes(self) -> dict[str, int]:
+        assert self.process
+        return {"server": self.process.pid}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "threads": self.threads, "argv": self.argv()}
+
+
+class Edison(System):
+    name = "edison"
+
+    def __init__(self, model_path: str, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16) -> None:
+        super().__init__(model_path, threads, workdir)
+        self.workers = workers
+        self.queue_size = queue_size
+        self.config_path = workdir / f"edison-{workers}w-{threads}t.toml"
+        self.worker_pids: set[int] = set()
+
+    @property
+    def label(self) -> str:
+        return f"edison ({self.workers}x{self.threads})"
+
+    def config(self) -> str:
+        modes = "".join(
+            f'\n[modes.n{n}]\nsystem_prompt = ""\nmax_tokens = {n}\n'
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in SAMPLING.items())
+            for n in REPLY_LENGTHS
+        )
+        return (
+            f'default_mode = "n{LONG_REPLY}"\n'
+            '[server]\nhost = "127.0.0.1"\nlog_level = "info"\n'
+            f'[model]\npath = {json.dumps(self.model_path)}\nn_ctx = 8192\nn_batch = 512\nn_ubatch = 512\nthreads = {self.threads}\n'
+            f"[pool]\nworkers = {self.workers}\nqueue_size = {self.queue_size}\ncancel_deadline_s = 1.0\n"
+            "kill_grace_s = 0.2\nprefill_chunk = 512\n"
+            "[debug]\nallow_wedge = true\n" + modes
+        )
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "edison", "serve", "--config", str(self.config_path), "--port", str(self.port)]
+
+    def launch(self) -> None:
+        self.config_path.write_text(self.config())
+        super().launch()
+
+    def health(self, verbose: bool = False) -> dict[str, Any]:
+        _, report = http_json(self.port, "GET", "/health?verbose=1" if verbose else "/health", timeout=5)
+        self.worker_pids |= set(report.get("workers", {}).get("pids", []))
+        return report
+
+    def is_ready(self) -> bool:
+        return self.health()["workers"]["ready"] >= self.workers
+
+    def stop(self, grace: float = 10.0) -> None:
+        try:
+            if self.process and self.process.alive():
+                self.health()  # remember the current workers, to be sure they are gone
+        except (OSError, ValueError, KeyError):
+            pass
+        super().stop(grace)
+        for pid in self.worker_pids:
+            kill_pid(pid)
+
+    def open(self, message: str, max_tokens: int = LONG_REPLY, **extra: Any) -> SSEStream:
+        return SSEStream(self.port, "/chat/stream", {"message": message, "mode": f"n{max_tokens}", **extra})
+
+    def cancel(self, stream: SSEStream) -> dict[str, Any]:
+        request_id = stream.wait_for("init", 30).data["request_id"]
+        return http_json(self.port, "POST", "/chat/cancel", {"request_id": request_id})[1]
+
+    def compute_pid(self, stream: SSEStream) -> int:
+        """The worker running this request, from /health?verbose=1."""
+        request_id = stream.wait_for("init", 30).data["request_id"]
+        found: list[int] = []
+
+        def running() -> bool:
+            found[:] = [w["pid"] for w in self.health(verbose=True)["worker_details"] if w["request_id"] == request_id]
+            return bool(found)
+
+        if not wait_until(running, timeout=30, interval=0.01):
+            raise TimeoutError(f"request {request_id} never reached a worker")
+        return found[0]
+
+    def processes(self) -> dict[str, int]:
+        assert self.process
+        details = self.health(verbose=True)["worker_details"]
+        return {"web": self._server_pid(), **{f"worker {w['slot']}": w["pid"] for w in details}}
+
+    def _server_pid(self) -> int:
+        assert self.process
+        return self.process.pid  # the shim exec()s, so the Popen pid is the server itself
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "workers": self.workers, "config": self.config()}
+
+
+class Seed(System):
+    """The seed's design: benchmarks/baselines/seed_server.py."""
+
+    name = "seed"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.baselines.seed_server", "--model", self.model_path,
+                "--threads", str(self.threads), "--port", str(self.port)]
+
+    def is_ready(self) -> bool:
+        return http_json(self.port, "GET", "/", timeout=2)[0] == 404  # uvicorn answers once the model is loaded
+
+    def open(self, message: str, max_tokens: int = LONG_REPLY, **extra: Any) -> SSEStream:
+        options = {"max_tokens": max_tokens, "stop": STOPS, **SAMPLING}
+        return SSEStream(self.port, "/chat/stream", {"prompt": transcript(message), "options": options})
+
+    def cancel(self, stream: SSEStream) -> dict[str, Any]:
+        request_id = stream.wait_for("init", 30).data["request_id"]
+        return http_json(self.port, "POST", "/chat/cancel", {"request_id": request_id})[1]
+
+
+class LlamaCppServer(System):
+    """llama-cpp-python's bundled OpenAI-compatible server. It has no cancel: a client stops
+    a generation only by disconnecting."""
+
+    name = "llama-cpp-server"
+    can_cancel = False
+
+    def argv(self) -> list[str]:
+        # --logits_all False: its default (True) also computes and copies the logits of every
+        # prompt token, which would make its prefill slower than the others' and the fight unfair.
+        return [sys.executable, "-m", "llama_cpp.server", "--model", self.model_path, "--n_ctx", "8192",
+                "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads), "--n_batch", "512",
+                "--n_ubatch", "512", "--logits_all", "False", "--port", str(self.port), "--host", "127.0.0.1"]
+
+    def is_ready(self) -> bool:
+        return http_json(self.port, "GET", "/v1/models", timeout=2)[0] == 200
+
+    def open(self, message: str, max_tokens: int = LONG_REPLY, **extra: Any) -> SSEStream:
+        body = {"prompt": transcript(message), "max_tokens": max_tokens, "stream": True, "stop": STOPS, **SAMPLING}
+        return SSEStream(self.port, "/v1/completions", body, translate=_openai_events)
+
+
+def _openai_events(name: str, data: str, at: float) -> Event | None:
+    if data.strip() == "[DONE]":
+        return Event("done", {"ok": True}, at)
+    chunk = json.loads(data)
+    text = chunk["choices"][0].get("text") or ""
+    return Event("token", {"t": text}, at) if text else None
+
+
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (Edison, Seed, LlamaCppServer)}
+
+
+class InProcess:
+    """llama-cpp-python called in-process (benchmarks/baselines/inprocess.py): the reference
+    for Edison's throughput overhead. Not a server: it answers JSON lines on a pipe."""
+
+    name = "llama-cpp-python in-process"
+
+    def __init__(self, model_path: str, threads: int, workdir: Path) -> None:
+        self.threads = threads
+        argv = [sys.executable, "-m", "benchmarks.baselines.inprocess", "--model", model_path, "--threads", str(threads)]
+        self.process = Process(argv, workdir / "inprocess.log")
+
+    @property
+    def label(self) -> str:
+        return f"in-process ({self.threads}t)"
+
+    def launch(self) -> None:
+        self.process.start(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        self._read()  # "ready"
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        popen = self.process.popen
+        assert popen and popen.stdin
+        popen.stdin.write((json.dumps(request) + "\n").encode())
+        popen.stdin.flush()
+        return json.loads(self._read())
+
+    def _read(self) -> str:
+        popen = self.process.popen
+        assert popen and popen.stdout
+        line = popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"in-process runner exited:\n{self.process.log_tail()}")
+        return line.decode()
+
+    def stop(self) -> None:
+        popen = self.process.popen
+        if popen and popen.stdin:
+            popen.stdin.close()
+        if popen and popen.stdout:
+            popen.stdout.close()
+        self.process.stop(grace=5)
+
+    def processes(self) -> dict[str, int]:
+        return {"process": self.process.pid}

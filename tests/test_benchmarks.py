@@ -1,0 +1,54 @@
+"""`python -m benchmarks --quick` runs end to end: every system starts, every section measures
+something, and the JSON and the chart are written. Needs the `bench` extra (matplotlib and
+llama-cpp-python's server); skipped without it. Not a performance test: numbers on a shared
+machine are noise, so nothing here asserts a latency.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+for module in ("matplotlib", "sse_starlette", "starlette_context", "pydantic_settings", "fastapi"):
+    pytest.importorskip(module, reason="the benchmarks need the `bench` extra: pip install -e '.[bench]'")
+
+
+@pytest.mark.timeout(600)
+def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--seed", "7"],
+        cwd=REPO, capture_output=True, text=True, timeout=580,
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    assert "prefill ~6k tok" in run.stdout and "cancel → CPU idle" in run.stdout
+
+    [json_path] = tmp_path.glob("bench-quick-*.json")
+    [png_path] = tmp_path.glob("bench-quick-*.png")
+    assert png_path.stat().st_size > 10_000
+    results = json.loads(json_path.read_text())
+    assert results["errors"] == []
+    assert results["meta"]["cpu_count"] and results["meta"]["llama_cpp_python"]
+    trials = results["trials"]
+
+    stops = trials["stop"]
+    for label in results["head_to_head"]:
+        for phase in ("decode", "prefill"):
+            assert any(r["system"] == label and r["phase"] == phase for r in stops), (label, phase)
+    edison = [r for r in stops if r["system"].startswith("edison")]
+    assert all(r["cancel_to_idle_s"] is not None and not r["worker_killed"] for r in edison)
+    assert {r["how"] for r in edison} == {"cancel", "disconnect"}
+
+    assert {r["kind"] for r in trials["wedge"]} == {"sigstop", "native"}
+    assert all(r["cancel_to_next_token_s"] for r in trials["wedge"])
+    systems = {r["system"].split(" ")[0] for r in trials["throughput"]}
+    assert systems >= {"edison", "in-process"}
+    assert all(r["ttft_s"] and r["decode_tokens_per_s"] for r in trials["throughput"])
+    assert {r["role"] for r in trials["memory"]} >= {"web", "worker 0", "server"}
+    assert trials["load"] and trials["load"][0]["reject_status"] == 503
+    assert trials["lag"]["idle"] and trials["lag"]["loaded"]
