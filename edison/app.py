@@ -13,12 +13,15 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from edison.auth import ApiKeyMiddleware
 from edison.messages import Done, Progress, Sampling, Token
+from edison.metrics import metrics_endpoint
 from edison.pool import Event, Failure, Pool, Queued, Stopped, Unavailable
 from edison.pool import Request as PoolRequest
 from edison.settings import REPO_ROOT, ModeSettings, Settings
@@ -169,12 +172,15 @@ def create_app(settings: Settings, pool: Pool) -> Starlette:
         Route("/chat/cancel", chat_cancel, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/modes", modes, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *openai_routes(),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    key = settings.server.api_key
     return Starlette(
         routes=routes,
+        middleware=[Middleware(ApiKeyMiddleware, key=key, web_dir=WEB_DIR)] if key else [],
         lifespan=lifespan,
         exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: server_error},
     )

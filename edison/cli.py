@@ -1,4 +1,7 @@
-"""`edison serve`: settings from TOML and flags, the bundled model, then uvicorn."""
+"""`edison serve`: settings from TOML and flags, the bundled model, then uvicorn.
+
+Under systemd (Type=notify) the server reports READY/STATUS/WATCHDOG/STOPPING (notify.py).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,28 @@ import sys
 
 import uvicorn
 
+from edison.logging_setup import configure_logging
+from edison.notify import Notifier
 from edison.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 
 logger = logging.getLogger("edison")
 
 
 class EdisonServer(uvicorn.Server):
-    """uvicorn, plus: every open stream gets its `done` before connections are drained."""
+    """uvicorn, plus: every open stream gets its `done` before connections are drained, and
+    systemd hears about it all (uvicorn's main loop ticks every 0.1 s on the event loop)."""
 
-    def __init__(self, config: uvicorn.Config, pool: object) -> None:
+    def __init__(self, config: uvicorn.Config, pool: object, notifier: Notifier) -> None:
         super().__init__(config)
         self.pool = pool
+        self.notifier = notifier
+
+    async def on_tick(self, counter: int) -> bool:
+        self.notifier.tick(self.pool)  # type: ignore[arg-type]
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list | None = None) -> None:
+        self.notifier.stopping()
         self.pool.end_all("server shutting down")  # type: ignore[attr-defined]
         await super().shutdown(sockets)
         # A shutdown that got this far is clean: exit 0 instead of uvicorn re-raising the
@@ -41,19 +53,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default from config: 8811; 0 picks a free one)")
     serve.add_argument("--workers", type=int, help="model worker processes (default from config: 2)")
     serve.add_argument("--model", help="path to a GGUF model (default: the bundled Gemma 3 270M)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (default from config: text)")
     return root
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s [edison pid {os.getpid()}] %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, notifier: Notifier) -> int:
     from edison.app import create_app
+    from edison.auth import exposure_warning
+    from edison.metrics import Metrics
     from edison.model import resolve_model_path
     from edison.pool import Pool
 
@@ -63,7 +70,10 @@ def serve(settings: Settings) -> int:
         logger.error("Cannot use the model: %s", exc)
         return 2
     logger.info("Model: %s; %d workers x %d threads", model_path, settings.pool.workers, settings.threads)
-    pool = Pool(settings, str(model_path))
+    warning = exposure_warning(settings.server.host, settings.server.api_key)
+    if warning:
+        logger.warning(warning)
+    pool = Pool(settings, str(model_path), Metrics())
     config = uvicorn.Config(
         create_app(settings, pool),
         host=settings.server.host,
@@ -72,20 +82,27 @@ def serve(settings: Settings) -> int:
         log_level=settings.server.log_level,
         timeout_graceful_shutdown=settings.pool.cancel_deadline_s + 5,
     )
-    server = EdisonServer(config, pool)
+    server = EdisonServer(config, pool, notifier)
     server.run()
+    notifier.close()
     return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    overrides = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.log_format": args.log_format,
+        "server.api_key": os.environ.get("EDISON_API_KEY") or None,  # the environment wins over the file
+        "pool.workers": args.workers,
+        "model.path": args.model,
+    }
     try:
-        settings = load_settings(
-            args.config,
-            **{"server.host": args.host, "server.port": args.port, "pool.workers": args.workers, "model.path": args.model},
-        )
+        settings = load_settings(args.config, **overrides)
     except ConfigError as exc:
         print(f"edison: bad configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.server.log_level)
-    return serve(settings)
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    notifier = Notifier.from_environ()  # before any worker is spawned: they must not inherit it
+    return serve(settings, notifier)

@@ -4,6 +4,8 @@ Runs entirely on the event loop (messages from workers arrive through `call_soon
 so its bookkeeping needs no locks. Cancel flags live in a lock-free `RawArray`, one slot per
 worker, written only here: `cancel_upto[slot] = job_id` cancels that job and any older one,
 and never a newer one, so a late cancel cannot stop the next job on the same worker.
+`supervise` ticks (starting due replacements) and advances the `heartbeat` that the systemd
+watchdog needs fresh; transitions are reported to a `PoolObserver` (the metrics).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from typing import Any, Union
 import psutil
 
 from edison.messages import Cancelled, Done, Failed, Job, Progress, Ready, Sampling, Token, Usage
+from edison.metrics import PoolObserver
 from edison.process import WorkerProcess, WorkerState
 from edison.settings import Settings
 from edison.worker import EXIT_LOAD_FAILED
 
 logger = logging.getLogger("edison")
+
+SUPERVISE_INTERVAL_S = 0.25  # the supervisor's tick: respawn latency and heartbeat resolution
 
 
 class Unavailable(Exception):
@@ -75,6 +80,9 @@ class Request:
     worker: WorkerProcess | None = None
     parts: list[str] = field(default_factory=list)  # text streamed so far
     cancel_at: float | None = None  # time.monotonic() of the first cancel
+    submitted_at: float = field(default_factory=time.monotonic)
+    dispatched_at: float | None = None
+    first_token_at: float | None = None
     deadline: asyncio.TimerHandle | None = None
     finished: bool = False
 
@@ -84,7 +92,7 @@ class Request:
 
 
 class Pool:
-    def __init__(self, settings: Settings, model_path: str) -> None:
+    def __init__(self, settings: Settings, model_path: str, metrics: PoolObserver | None = None) -> None:
         self.settings = settings
         self.model_path = model_path
         self.size = settings.pool.workers
@@ -99,6 +107,11 @@ class Pool:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.respawn_at: dict[int, float] = {}  # slot -> when its replacement is due
+        self.heartbeat = 0.0  # time.monotonic() of the supervisor's last completed tick
+        self.supervisor: asyncio.Task[None] | None = None
+        self.metrics = metrics or PoolObserver()
+        self.metrics.watch(self)
 
     # Lifecycle.
 
@@ -106,6 +119,33 @@ class Pool:
         self.loop = asyncio.get_running_loop()
         for slot in range(self.size):
             self.spawn_worker(slot)
+        self.heartbeat = time.monotonic()
+        self.supervisor = asyncio.ensure_future(self.supervise())
+
+    async def supervise(self) -> None:
+        """Ticks until stop(). If a tick raises or hangs, the heartbeat goes stale and the
+        watchdog pings stop, so systemd restarts the service instead of it limping on."""
+        stall_after = self.settings.debug.stall_supervisor_after_s
+        stall_at = self.heartbeat + stall_after
+        try:
+            while not self.closing:
+                self.manage_workers()
+                if stall_after and self.heartbeat >= stall_at:
+                    logger.warning("debug.stall_supervisor_after_s: the pool supervisor hangs now")
+                    await asyncio.Event().wait()
+                await asyncio.sleep(SUPERVISE_INTERVAL_S)
+        except Exception:
+            logger.exception("The pool supervisor failed; no more respawns, and the watchdog pings stop")
+
+    def manage_workers(self) -> None:
+        """Starts the replacements that are due, then records the heartbeat."""
+        now = time.monotonic()
+        for slot, due in list(self.respawn_at.items()):
+            if due <= now:
+                del self.respawn_at[slot]
+                self.spawn_worker(slot)
+                self.metrics.respawned()
+        self.heartbeat = now
 
     def spawn_worker(self, slot: int) -> None:
         if self.closing:
@@ -120,6 +160,8 @@ class Pool:
     async def stop(self) -> None:
         """Ends every request, then every worker: gently, then by force. Leaves nothing behind."""
         self.end_all("server shutting down")
+        if self.supervisor is not None:
+            self.supervisor.cancel()
         workers = [w for w in self.workers if w is not None]
         for worker in workers:
             worker.close_jobs()
@@ -155,8 +197,10 @@ class Pool:
         wedge_s: float = 0.0,
     ) -> Request:
         if self.closing:
+            self.metrics.rejected("shutting_down")
             raise ShuttingDown("server shutting down")
         if len(self.given_up) == self.size:
+            self.metrics.rejected("no_workers")
             raise NoWorkers("no model worker could be started; see the server log")
         job = Job(next(self.job_ids), request_id, sampling, messages, prompt, wedge_s)
         request = Request(job)
@@ -169,6 +213,7 @@ class Pool:
             self.queue.append(request)
             request.events.put_nowait(Queued(len(self.queue)))
         else:
+            self.metrics.rejected("queue_full")
             raise QueueFull(f"all {self.size} workers are busy and the queue is full ({len(self.queue)} waiting)")
         return request
 
@@ -214,7 +259,7 @@ class Pool:
     def _dispatch(self, worker: WorkerProcess, request: Request) -> None:
         worker.state = WorkerState.BUSY
         worker.request = request
-        request.worker = worker
+        request.worker, request.dispatched_at = worker, time.monotonic()
         logger.info("Request %s runs on worker %d (pid %s)", request.request_id, worker.slot, worker.pid)
         try:
             worker.send(request.job)
@@ -238,6 +283,7 @@ class Pool:
             request.deadline.cancel()
         self.requests.pop(request.request_id, None)
         request.events.put_nowait(event)
+        self.metrics.finished(request, event)
 
     def _on_message(self, worker: WorkerProcess, message: object) -> None:
         if isinstance(message, Ready):
@@ -251,6 +297,7 @@ class Pool:
             return  # stale: from a job that was already settled
         if isinstance(message, Token):
             request.parts.append(message.text)
+            request.first_token_at = request.first_token_at or time.monotonic()
             if not request.finished:
                 request.events.put_nowait(message)
         elif isinstance(message, Progress):
@@ -299,6 +346,7 @@ class Pool:
                 await asyncio.sleep(0.01)
         if worker.is_alive():  # a stopped (SIGSTOP) process ignores SIGTERM: always end in SIGKILL
             worker.kill()
+        self.metrics.killed()
         logger.warning("Killed worker %d (pid %s)%s", worker.slot, worker.pid, " (it was stopped)" if stopped else "")
 
     def _on_lost(self, worker: WorkerProcess) -> None:
@@ -327,6 +375,7 @@ class Pool:
             return
         if not was_killing:
             logger.error("Worker %d (pid %s) exited with code %s", slot, worker.pid, code)
+            self.metrics.crashed()
         delay = 0.0
         if not worker.was_ready or code == EXIT_LOAD_FAILED:
             self.failures[slot] += 1
@@ -337,8 +386,7 @@ class Pool:
                 return
             delay = min(30.0, self.settings.pool.restart_backoff_s * 2 ** (self.failures[slot] - 1))
         logger.info("Respawning worker %d in %.1f s (old pid %s, exit code %s)", slot, delay, worker.pid, code)
-        assert self.loop is not None
-        self.loop.call_later(delay, self.spawn_worker, slot)
+        self.respawn_at[slot] = time.monotonic() + delay  # the supervisor's next due tick starts it
 
     def _fail_queue_if_no_workers(self) -> None:
         if len(self.given_up) < self.size:

@@ -28,6 +28,10 @@ class ServerSettings:
     port: int = 8811
     max_body_bytes: int = 1_000_000  # a chat body larger than this is a mistake or an attack
     log_level: str = "info"
+    log_format: str = "text"  # text for a terminal; json (one object per line) for journald/Loki
+    # Empty: no key (fine on loopback). Set, every route but /health and the page needs
+    # "Authorization: Bearer <key>". EDISON_API_KEY in the environment wins. Never in a repr.
+    api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class DebugSettings:
     # Lets a request ask its worker to sleep inside a C call that ignores the cancel flag
     # (`debug_wedge_s` in the body): the only way to exercise the kill tier on demand.
     allow_wedge: bool = False
+    # > 0: the pool supervisor hangs this many seconds after start, so a test can watch the
+    # systemd watchdog pings stop while the event loop still serves. Never set it in production.
+    stall_supervisor_after_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         lambda v: v in ("critical", "error", "warning", "info", "debug"),
         "one of critical, error, warning, info, debug",
     ),
+    "server.log_format": (lambda v: v in ("text", "json"), "text or json"),
+    "server.api_key": (lambda v: v == v.strip(), "a key without leading or trailing spaces"),
     "model.n_ctx": (lambda v: v >= 128, "at least 128"),
     "model.n_batch": (lambda v: v >= 1, "at least 1"),
     "model.n_ubatch": (lambda v: v >= 1, "at least 1"),
@@ -115,6 +124,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "pool.prefill_chunk": (lambda v: v >= 1, "at least 1"),
     "pool.restart_budget": (lambda v: v >= 1, "at least 1"),
     "pool.restart_backoff_s": (lambda v: v >= 0, "0 or more"),
+    "debug.stall_supervisor_after_s": (lambda v: v >= 0, "0 (off) or more"),
     "temperature": (lambda v: v >= 0, "0 or more"),
     "top_p": (lambda v: 0 < v <= 1, "more than 0 and at most 1"),
     "top_k": (lambda v: v >= 0, "0 or more"),
@@ -131,6 +141,7 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix}: expected a table")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    secret = {f.name for f in dataclasses.fields(cls) if not f.repr}  # never echoed in an error
     values: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{prefix}.{key}"
@@ -139,7 +150,8 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         values[key] = _coerce(name, hints[key], value)
         check = _CHECKS.get(key if cls is ModeSettings else name)
         if check and not check[0](values[key]):
-            raise ConfigError(f"{name}: {value!r} is not valid; expected {check[1]}")
+            shown = "the value" if key in secret else repr(value)
+            raise ConfigError(f"{name}: {shown} is not valid; expected {check[1]}")
     return cls(**values)
 
 

@@ -1,0 +1,165 @@
+"""What the pool reports at its transitions, and `GET /metrics` in Prometheus text format.
+
+The pool calls a `PoolObserver` (this base ignores everything) at a few transitions: a request
+refused, a request finished, a worker killed, crashed or respawned. `Metrics` turns those into
+Prometheus series in its own `CollectorRegistry` (never the global one: two apps in one
+process, as in tests, must not share counters). Gauges are read from the pool at scrape time,
+so they cannot drift from the pool's own bookkeeping. Everything runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+
+from edison.messages import Done
+
+if TYPE_CHECKING:
+    from edison.pool import Event, Pool, Request
+
+OUTCOMES = ("ok", "stopped", "error", "rejected")
+PHASES = ("queued", "prefill", "decode")
+# queued: left the queue; token/chunk/native: the generation loop saw the flag; kill: tier 3;
+# completed: the job ended on its own before the cancel reached it.
+TIERS = ("queued", "token", "chunk", "native", "kill", "completed")
+STOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class PoolObserver:
+    """The pool's hooks. This base does nothing, so a pool without metrics needs no checks."""
+
+    def watch(self, pool: Pool) -> None:
+        """Called once by the pool it observes."""
+
+    def rejected(self, reason: str) -> None:
+        """The pool refused a request (queue full, shutting down, no workers): a 503."""
+
+    def finished(self, request: Request, event: Event) -> None:
+        """A request got its final event (Done, Stopped or Failure)."""
+
+    def killed(self) -> None:
+        """The supervisor killed a worker that missed its cancel deadline (tier 3)."""
+
+    def crashed(self) -> None:
+        """A worker exited without being told to (segfault, OOM kill, failed model load)."""
+
+    def respawned(self) -> None:
+        """A replacement worker was started in a slot."""
+
+
+class Metrics(PoolObserver):
+    def __init__(self) -> None:
+        disable_created_metrics()  # no `*_created` twin of every series: this process owns the library
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("edison_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.cancel_latency = Histogram(
+            "edison_cancel_latency_seconds", "Cancel to final event, by the phase the job was in at the cancel",
+            ["phase"], buckets=STOP_BUCKETS, registry=r,
+        )
+        self.cancel_tier = Counter("edison_cancel_tier", "Which cancel tier ended a cancelled job", ["tier"], registry=r)
+        self.kills = Counter("edison_worker_kills", "Workers killed for missing a cancel deadline", registry=r)
+        self.crashes = Counter("edison_worker_crashes", "Workers that exited without being told to", registry=r)
+        self.respawns = Counter("edison_worker_respawns", "Replacement workers started", registry=r)
+        self.ttft = Histogram(
+            "edison_time_to_first_token_seconds", "Submit to first streamed token, queue wait included",
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "edison_queue_wait_seconds", "Submit to dispatch on a worker", buckets=WAIT_BUCKETS, registry=r
+        )
+        self.tokens = Counter("edison_tokens_generated", "Completion tokens generated", registry=r)
+        self.prompt_tokens = Counter("edison_prompt_tokens", "Prompt tokens of finished jobs", registry=r)
+        self.rate = Histogram(
+            "edison_decode_tokens_per_second", "Per request: completion tokens over first token to end",
+            buckets=RATE_BUCKETS, registry=r,
+        )
+        for outcome in OUTCOMES:  # every series exists from the start, at zero
+            self.requests.labels(outcome)
+        for phase in PHASES:
+            self.cancel_latency.labels(phase)
+        for tier in TIERS:
+            self.cancel_tier.labels(tier)
+
+    def watch(self, pool: Pool) -> None:
+        health = pool.health
+        r = self.registry
+        Gauge("edison_queue_depth", "Requests waiting for a worker", registry=r).set_function(lambda: len(pool.queue))
+        Gauge("edison_workers_busy", "Workers running a job", registry=r).set_function(
+            lambda: health()["workers"]["busy"]
+        )
+        Gauge("edison_workers_ready", "Workers with the model loaded", registry=r).set_function(
+            lambda: health()["workers"]["ready"]
+        )
+        Gauge("edison_workers_configured", "Worker slots", registry=r).set(pool.size)
+        Gauge("edison_active_requests", "Requests queued or running", registry=r).set_function(
+            lambda: len(pool.requests)
+        )
+
+    def rejected(self, reason: str) -> None:
+        self.requests.labels("rejected").inc()
+
+    def finished(self, request: Request, event: Event) -> None:
+        from edison.pool import Failure, Stopped  # here: the pool imports this module
+
+        now = time.monotonic()
+        outcome = "ok" if isinstance(event, Done) else "stopped" if isinstance(event, Stopped) else "error"
+        self.requests.labels(outcome).inc()
+        if request.dispatched_at is not None:
+            self.queue_wait.observe(request.dispatched_at - request.submitted_at)
+        if request.first_token_at is not None:
+            self.ttft.observe(request.first_token_at - request.submitted_at)
+        if request.cancel_at is not None and isinstance(event, Stopped):
+            self.cancel_tier.labels(event.tier).inc()
+            self.cancel_latency.labels(cancel_phase(request)).observe(now - request.cancel_at)
+        if isinstance(event, Failure):
+            generated = len(request.parts)  # no usage from a dead worker: one piece per token
+        else:
+            generated = event.usage.completion_tokens or len(request.parts)
+            self.prompt_tokens.inc(event.usage.prompt_tokens)
+        self.tokens.inc(generated)
+        if generated >= 2 and request.first_token_at is not None and now > request.first_token_at:
+            self.rate.observe((generated - 1) / (now - request.first_token_at))
+
+    def killed(self) -> None:
+        self.kills.inc()
+
+    def crashed(self) -> None:
+        self.crashes.inc()
+
+    def respawned(self) -> None:
+        self.respawns.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def cancel_phase(request: Request) -> str:
+    """Where the job was when the first cancel came: still queued, in the prompt, or streaming."""
+    assert request.cancel_at is not None
+    if request.dispatched_at is None or request.dispatched_at > request.cancel_at:
+        return "queued"
+    if request.first_token_at is not None and request.first_token_at <= request.cancel_at:
+        return "decode"
+    return "prefill"
+
+
+async def metrics_endpoint(request: HttpRequest) -> Response:
+    observer = request.state.pool.metrics
+    if not isinstance(observer, Metrics):
+        return JSONResponse({"error": "metrics are off"}, status_code=404)
+    return Response(observer.render(), media_type=CONTENT_TYPE_LATEST)
