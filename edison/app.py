@@ -65,7 +65,9 @@ def submit(pool: Pool, request_id: str, **job: Any) -> PoolRequest | JSONRespons
 
 def disconnect_cancels(pool: Pool, request_id: str) -> Any:
     def on_disconnect() -> None:
-        if pool.cancel(request_id):
+        live = pool.requests.get(request_id)
+        first = live is not None and live.cancel_at is None  # not already stopping (the page's Stop)
+        if pool.cancel(request_id) and first:
             logger.info("Client disconnected for request %s", request_id)
 
     return on_disconnect

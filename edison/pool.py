@@ -347,7 +347,11 @@ class Pool:
         if worker.is_alive():  # a stopped (SIGSTOP) process ignores SIGTERM: always end in SIGKILL
             worker.kill()
         self.metrics.killed()
-        logger.warning("Killed worker %d (pid %s)%s", worker.slot, worker.pid, " (it was stopped)" if stopped else "")
+        logger.warning(
+            "Killed worker %d (pid %s) for request %s: missed the cancel deadline%s",
+            worker.slot, worker.pid, worker.request.request_id if worker.request else None,
+            " while stopped (SIGSTOP)" if stopped else "",
+        )
 
     def _on_lost(self, worker: WorkerProcess) -> None:
         """The worker's pipe hit EOF: fail its request at once, then reap it and replace it."""
