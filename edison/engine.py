@@ -208,6 +208,14 @@ class Engine:
 
 
 def _sleep_in_c(seconds: float) -> None:
-    """Debug-only wedge: a native call that no cancel flag can reach (only the kill tier can)."""
+    """Debug-only wedge: a native call that no cancel flag can reach (only the kill tier can).
+
+    A signal (the SIGUSR1 stack dump sent before a kill) ends `usleep` early with EINTR: sleep
+    again until the time is up, so the wedge stays deaf until SIGTERM or SIGKILL ends it.
+    """
+    import time
+
     libc = ctypes.CDLL(None)
-    libc.usleep(ctypes.c_uint(int(seconds * 1_000_000)))
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        libc.usleep(ctypes.c_uint(int(min(left, 1.0) * 1_000_000)))

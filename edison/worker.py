@@ -15,6 +15,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
+from edison.logging_setup import configure_logging
 from edison.messages import Job, Ready
 from edison.settings import Settings
 
@@ -48,11 +49,14 @@ def main(
         del os.environ[name]  # only the service itself talks to systemd
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)  # dumped before a kill
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [worker {slot} pid {os.getpid()}] %(message)s",
-        stream=sys.stderr,
-    )
+    if settings.server.log_format == "json":
+        configure_logging(settings.server.log_level, "json")
+    else:
+        logging.basicConfig(
+            level=settings.server.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s [worker {slot} pid {os.getpid()}] %(message)s",
+            stream=sys.stderr,
+        )
 
     try:
         from edison.engine import Engine
