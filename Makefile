@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean install-service
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ run: setup
 # The browser tests drive Debian's Chromium; the script installs it when missing (as root).
 test: setup
 	sh scripts/install-browser.sh
+	sh deploy/install-systemd-analyze.sh
 	$(VENV)/bin/pytest
+
+# A systemd unit for this checkout (user `edison`, Type=notify, watchdog, hardening); run as root.
+install-service: setup
+	sh deploy/install-service.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
