@@ -6,6 +6,7 @@ The pool reaches the routes through lifespan state, never a module global.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -34,16 +35,8 @@ WEB_DIR = REPO_ROOT / "web"
 
 
 def sampling_for(mode: ModeSettings) -> Sampling:
-    return Sampling(
-        temperature=mode.temperature,
-        top_p=mode.top_p,
-        top_k=mode.top_k,
-        min_p=mode.min_p,
-        repeat_penalty=mode.repeat_penalty,
-        max_tokens=mode.max_tokens,
-        seed=mode.seed,
-        stop=mode.stop,
-    )
+    """A mode's sampling settings, as they travel to the worker."""
+    return Sampling(**{f.name: getattr(mode, f.name) for f in dataclasses.fields(Sampling)})
 
 
 def chat_messages(mode: ModeSettings, history: tuple[dict[str, str], ...], message: str) -> tuple[dict[str, str], ...]:
