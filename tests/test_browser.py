@@ -25,6 +25,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 # Playwright 1.64.1 is the release built for Chromium 156 (see BROWSER-TESTS recipe).
 CHROMIUM_MAJOR = 156
 STORAGE_KEY = "edison.conversation.v1"  # web/js/store.js
+API_KEY_STORAGE = "edison.apiKey"  # web/js/auth.js
 WAIT_MS = 30_000  # any single page wait; the machine is small and shared
 
 # Checked at collection, so a skip starts no service.
@@ -61,6 +62,7 @@ class ChatPage:
     page: Any
     console: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    requests: list[Any] = field(default_factory=list)
 
     def send(self, text: str) -> None:
         self.page.fill("#input", text)
@@ -106,7 +108,8 @@ def open_chat(browser: Any) -> Iterator[Callable[..., ChatPage]]:
     contexts: list[Any] = []
     pages: list[ChatPage] = []
 
-    def open_(service: Service, **context_args: Any) -> ChatPage:
+    def open_(service: Service, ready: bool = True, **context_args: Any) -> ChatPage:
+        """ready: wait until the modes are loaded (False when a key dialog comes first)."""
         context = browser.new_context(**{"viewport": {"width": 1000, "height": 700}, **context_args})
         contexts.append(context)
         page = context.new_page()
@@ -114,8 +117,11 @@ def open_chat(browser: Any) -> Iterator[Callable[..., ChatPage]]:
         chat = ChatPage(page)
         page.on("console", lambda m: chat.console.append(m.text))
         page.on("pageerror", lambda e: chat.errors.append(str(e)))
+        page.on("request", lambda r: chat.requests.append(r))
         pages.append(chat)
         page.goto(f"{service.url}/")
+        if not ready:
+            return chat
         try:
             page.wait_for_selector("#mode:not([disabled])")
         except Exception as exc:  # noqa: BLE001 - say why the page never came up
@@ -367,3 +373,71 @@ def test_phone_screen_dark_scheme_and_keyboard(service: Service, open_chat: Call
     assert page.input_value("#input") == "line one\nline two"
     assert page.locator(".msg").count() == 2
     chat.shot(tmp_path / "phone-dark.png")
+
+
+def test_api_key_is_asked_for_remembered_and_asked_again_when_refused(
+    make_service: Callable[..., Service], open_chat: Callable[..., ChatPage], tmp_path: Path
+) -> None:
+    key = "s3cret-key"
+    svc = make_service({"server": {"api_key": key}, "pool": {"workers": 1}})
+    chat = open_chat(svc, ready=False)
+    page = chat.page
+    dialog = "#key-dialog"
+
+    def sent(path: str) -> list[tuple[str | None, int | None]]:
+        """(Authorization header, status) of each request the page made to `path`."""
+        out = []
+        for r in chat.requests:
+            assert key not in r.url, f"the key is in a URL: {r.url}"
+            if r.url.endswith(path):
+                response = r.response()
+                out.append((r.all_headers().get("authorization"), response.status if response else None))
+        return out
+
+    # The page's own GET /modes is the first 401: the dialog opens at load, focus in the field.
+    page.wait_for_selector(f"{dialog}[open]")
+    assert page.evaluate("document.activeElement.id") == "key-input"
+    assert page.get_attribute("#key-input", "type") == "password"
+    assert "needs an API key" in page.inner_text("#key-reason")
+    chat.shot(tmp_path / "key-dialog.png")
+    page.click("#key-cancel")  # the modes say why they are missing
+    page.wait_for_selector(dialog, state="hidden")
+    page.wait_for_selector("#mode-description.error")
+    assert "API key" in page.inner_text("#mode-description")
+
+    chat.send("Hello")  # 401 again: asked again; Escape cancels the dialog (not a Stop): an error
+    page.wait_for_selector(f"{dialog}[open]")
+    page.keyboard.press("Escape")
+    chat.wait_reply_state("error")
+    state = chat.reply().locator(".state").inner_text()
+    assert "needs an API key" in state and "Send again" in state, state
+
+    chat.send("What is the capital of France?")  # asked; the key typed; the request sent again
+    page.wait_for_selector(f"{dialog}[open]")
+    page.fill("#key-input", key)
+    page.press("#key-input", "Enter")
+    chat.wait_reply_state("done", timeout=60_000)
+    assert "Paris" in chat.reply().locator(".body").inner_text()
+    assert int(chat.reply().get_attribute("data-tokens") or 0) > 1
+    assert sent("/chat/stream") == [(None, 401), (None, 401), (f"Bearer {key}", 200)]
+    page.wait_for_selector("#mode:not([disabled])")  # the modes are loaded now that there is a key
+    assert page.evaluate(f"localStorage.getItem({API_KEY_STORAGE!r})") == key
+
+    chat.requests.clear()
+    page.reload()  # remembered: no dialog, the modes load with the key
+    page.wait_for_selector("#mode:not([disabled])")
+    assert not page.locator(dialog).is_visible()
+    assert sent("/modes") == [(f"Bearer {key}", 200)]
+
+    # A stored key the server refuses (changed since): cleared, and asked for once more.
+    page.evaluate("([k, v]) => localStorage.setItem(k, v)", [API_KEY_STORAGE, "old-key"])
+    chat.requests.clear()
+    page.reload()
+    page.wait_for_selector(f"{dialog}[open]")
+    assert "refused the stored API key" in page.inner_text("#key-reason")
+    assert page.evaluate(f"localStorage.getItem({API_KEY_STORAGE!r})") is None
+    page.fill("#key-input", key)
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#mode:not([disabled])")
+    assert sent("/modes") == [("Bearer old-key", 401), (f"Bearer {key}", 200)]
+    assert page.evaluate(f"localStorage.getItem({API_KEY_STORAGE!r})") == key

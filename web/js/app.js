@@ -1,7 +1,9 @@
 // The chat page: conversation view, mode selector, Send/Stop, health line.
 // It speaks the HTTP contract of docs/design.md: POST /chat/stream (SSE), POST /chat/cancel,
 // GET /modes, GET /health. Tested in a real browser by tests/test_browser.py.
+// With an API key on the server, auth.js asks for it on the first 401 and sends it from then on.
 
+import { AuthError, authFetch, authHeaders, onNewKey } from "./auth.js";
 import { ConnectionLost, HttpError, streamEvents } from "./sse.js";
 import { el, renderMarkdown } from "./render.js";
 import { historyForServer, loadConversation, loadMode, saveConversation, saveMode } from "./store.js";
@@ -19,6 +21,8 @@ let conversation = loadConversation();
 let pinned = true;
 /** The reply being streamed, or null when idle. */
 let turn = null;
+/** GET /modes failed: tried again when a key is entered. */
+let modesFailed = false;
 
 // Rendering.
 
@@ -156,6 +160,9 @@ async function send() {
   } catch (err) {
     if (t.stopping && err.name === "AbortError") {
       reply.state = "stopped";
+    } else if (err instanceof AuthError) {
+      reply.state = "error";
+      reply.error = `${err.message}. Send again to enter the key.`;
     } else if (err instanceof HttpError) {
       reply.state = "error";
       reply.error = `the server answered ${err.status}: ${err.message}`;
@@ -201,7 +208,7 @@ async function cancelOnServer(requestId) {
   try {
     const response = await fetch("/chat/cancel", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: authHeaders({ "Content-Type": "application/json" }), // never asks: Stop must not wait
       body: JSON.stringify({ request_id: requestId }),
       keepalive: true, // still sent if the page is closing
     });
@@ -217,8 +224,9 @@ async function cancelOnServer(requestId) {
 // Modes and health.
 
 async function loadModes() {
+  modesFailed = false;
   try {
-    const response = await fetch("/modes", { cache: "no-store" });
+    const response = await authFetch("/modes", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     const saved = loadMode();
@@ -234,8 +242,11 @@ async function loadModes() {
     modeSelect.disabled = false;
     describeMode();
   } catch (err) {
+    modesFailed = true;
     modeSelect.replaceChildren(el("option", "", "server default"));
-    $("mode-description").textContent = `Could not load the modes (${err.message}); replies use the server's default mode.`;
+    $("mode-description").textContent = err instanceof AuthError
+      ? `Could not load the modes: ${err.message}. Sending a message asks for the key again.`
+      : `Could not load the modes (${err.message}); replies use the server's default mode.`;
     $("mode-description").classList.add("error");
     console.error("GET /modes failed", err);
   }
@@ -284,7 +295,8 @@ input.addEventListener("keydown", (event) => {
 });
 
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && turn) {
+  // Escape in the key dialog cancels the dialog, not the reply.
+  if (event.key === "Escape" && turn && !event.target.closest?.("dialog")) {
     event.preventDefault();
     stop();
   }
@@ -321,6 +333,8 @@ window.addEventListener("pagehide", () => {
   saveConversation(conversation);
   stop();
 });
+
+onNewKey(() => { if (modesFailed) loadModes(); });
 
 renderConversation();
 setBusy(false);

@@ -1,6 +1,8 @@
 // Server-sent events over fetch: EventSource cannot POST, so /chat/stream is read from a
 // ReadableStream and cut into events here (framing per the HTML "event stream" grammar).
 
+import { AuthError, authFetch } from "./auth.js";
+
 /** Incremental parser: feed() text chunks, get back complete {event, data} records. */
 export class SSEParser {
   constructor() {
@@ -60,13 +62,14 @@ export class ConnectionLost extends Error {
 
 /**
  * POSTs `body` to `url` and calls onEvent(name, data) for each event until `done`.
- * Rejects with HttpError (non-200), ConnectionLost (dropped, or no `done`), or the
- * signal's AbortError when the caller aborts.
+ * Sends the API key if one is stored, and asks for it on a 401 (auth.js).
+ * Rejects with HttpError (non-200), AuthError (no key, or refused), ConnectionLost (dropped,
+ * or no `done`), or the signal's AbortError when the caller aborts.
  */
 export async function streamEvents(url, body, signal, onEvent) {
   let response;
   try {
-    response = await fetch(url, {
+    response = await authFetch(url, {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(body),
@@ -74,7 +77,7 @@ export async function streamEvents(url, body, signal, onEvent) {
       cache: "no-store",
     });
   } catch (err) {
-    if (signal.aborted) throw err;
+    if (signal.aborted || err instanceof AuthError) throw err;
     throw new ConnectionLost(`could not reach the server (${err.message})`);
   }
   if (!response.ok) throw new HttpError(response.status, await errorText(response));
