@@ -296,11 +296,16 @@ threads for every system.
 
 
 def headline(rows: list[Row]) -> str:
+    """The prefill stops, with the longest fully measured stop beside the percentiles: for the
+    baselines that is the one trial that waited for their whole prefill."""
     picked = [r for r in rows if r.section.startswith("prefill") and "CPU idle" in r.metric and r.samples]
-    lines = ["| stop | system | n | p50 | max |", "|---|---|---:|---:|---:|"]
+    lines = ["| stop | system | n | p50 | max | longest fully measured | trials capped |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in picked:
         cells = r.cells()
-        lines.append(f"| {r.metric} | {r.system} | {cells[3]} | {cells[4]} | {cells[7]} |")
+        exact = [v for v, capped in r.samples if not capped]
+        longest = fmt(max(exact), r.unit) if exact else "-"
+        capped = sum(c for _, c in r.samples)
+        lines.append(f"| {r.metric} | {r.system} | {cells[3]} | {cells[4]} | {cells[7]} | {longest} | {capped} |")
     return "\n".join(lines)
 
 

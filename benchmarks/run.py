@@ -14,6 +14,7 @@ and the run goes on (and exits 1 at the end).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -199,7 +200,6 @@ class Run:
 
     def _stop_trial(self, system: System, phase: str, how: str, round_: int, count: int, last: bool) -> None:
         p = self.plan
-        self.progress.step(f"{phase} {how}: {system.label} {round_ + 1}/{count}")
         if phase == "decode":
             moment, cap = p.decode_tokens, 30.0
         elif isinstance(system, Edison):
@@ -207,6 +207,8 @@ class Run:
         else:
             moment = p.prefill_delay_s
             cap = p.full_cap_s if (p.baseline_full_run and round_ == 0) else p.baseline_cap_s
+        wait = f" (waits up to {cap:.0f} s for it to stop)" if cap > 30 else ""
+        self.progress.step(f"{phase} {how}: {system.label} {round_ + 1}/{count}{wait}")
         record = self.attempt(f"{phase} {how}", system, scenarios.stop_trial, system, phase, how, self.rng,
                               moment, cap, phase=phase, how=how)
         self.trials["stop"].append(record)
@@ -306,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed for the stop moments")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON, chart and logs go")
     parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md and its chart")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: report (and --publish) a saved run's JSON")
     args = parser.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     args.only = [s for s in args.only.split(",") if s]
@@ -319,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return report_saved(args)
     plan = QUICK if args.quick else FULL
     from edison.model import resolve_model_path
     from edison.settings import ModelSettings
@@ -346,19 +351,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = {"meta": meta, "plan": vars(plan), "systems": run.described, "head_to_head": run.head_to_head,
                "trials": run.trials, "errors": run.errors}
+    json_path = args.out / f"bench-{plan.name}-{stamp}.json"
+    report_run(results, args, json_path, write=True)
+    print(f"Logs: {workdir}")
+    return 1 if run.errors else 0
+
+
+def report_run(results: dict[str, Any], args: argparse.Namespace, json_path: Path, write: bool) -> None:
+    """Table on stdout; JSON and chart beside each other; RESULTS.md and its chart if --publish."""
+    meta = results["meta"]
     rows = report.summarise(results)
-    title = f"Stop latency per phase, {meta['cpu_count']} shared CPUs, {args.threads} threads each ({plan.name} run, {meta['finished']})"
-    json_path, png_path = args.out / f"bench-{plan.name}-{stamp}.json", args.out / f"bench-{plan.name}-{stamp}.png"
-    report.write_json(json_path, results, rows)
-    report.chart(png_path, results, title)
+    title = (f"Stop latency per phase, {meta['cpu_count']} shared CPUs, {meta['threads']} threads each "
+             f"({meta['mode']} run, {meta['finished']})")
+    png_path = json_path.with_suffix(".png")
+    if write:
+        report.write_json(json_path, results, rows)
+        report.chart(png_path, results, title)
     print(report.table(rows))
-    for error in run.errors:
+    for error in results["errors"]:
         print(f"FAILED: {error}")
-    print(f"\n{len(run.errors)} failed trials. Raw samples: {json_path}\nChart: {png_path}\nLogs: {workdir}")
+    print(f"\n{len(results['errors'])} failed trials. Raw samples: {json_path}\nChart: {png_path}")
     if args.publish:
         report.chart(HERE / "stop_latency.png", results, title)
         target = HERE / "RESULTS.md"
         previous = target.read_text() if target.exists() else ""
         target.write_text(report.results_markdown(results, rows, "stop_latency.png", previous))
-        print(f"Published {HERE / 'RESULTS.md'}")
-    return 1 if run.errors else 0
+        print(f"Published {target}")
+
+
+def report_saved(args: argparse.Namespace) -> int:
+    results = json.loads(args.from_json.read_text())
+    results.pop("summary", None)
+    report_run(results, args, args.from_json, write=False)
+    return 1 if results["errors"] else 0
