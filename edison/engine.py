@@ -191,7 +191,8 @@ class Engine:
     def _clear(self) -> None:
         self.reusable = 0
         self.llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        # data=False: reset the cells, not the 60 ms memset of the whole buffer inside every stop
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), False)
 
     def _emit_text(self, job: Job, state: _Progress, text: str, emit: Emit) -> None:
         if text:

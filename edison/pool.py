@@ -267,7 +267,7 @@ class Pool:
             pass  # the worker is dying; its reader reports it lost, which fails the request
 
     def _dispatch_next(self, worker: WorkerProcess) -> None:
-        if self.queue and not self.closing:
+        if self.queue and not self.closing and worker.state is WorkerState.IDLE:  # never to one being killed
             self._dispatch(worker, self.queue.popleft())
             self._announce_positions()
 
@@ -340,6 +340,11 @@ class Pool:
         if not stopped:
             worker.dump_stack()
             await asyncio.sleep(0.05)  # let faulthandler finish writing
+            if worker.request is None:  # its acknowledgement came after all: keep the worker
+                logger.warning("Worker %d (pid %s) acknowledged the cancel late; not killing it", worker.slot, worker.pid)
+                worker.state = WorkerState.IDLE
+                self._dispatch_next(worker)
+                return
             worker.terminate()
             deadline = time.monotonic() + self.settings.pool.kill_grace_s
             while worker.is_alive() and time.monotonic() < deadline:

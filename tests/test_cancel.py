@@ -106,3 +106,14 @@ def test_cancelling_one_stream_leaves_a_concurrent_one_intact(service: Service) 
     assert victim.done.data["stopped"] is True
     done = bystander.done.data
     assert done["ok"] is True and done["response"] == solo
+
+
+def test_answer_after_a_prefill_cancel_is_byte_identical(one_worker: Service) -> None:
+    question = "Name three colours of the rainbow."
+    before = chat(one_worker.url, question)[-1].data["response"]
+    stream = Stream(one_worker.url, {"message": long_prompt(6000)})
+    pid = one_worker.worker_for(stream.request_id)
+    wait_busy(pid, cpu=1.0)
+    one_worker.cancel(stream.request_id)
+    assert stream.done.data["stopped"] is True
+    assert chat(one_worker.url, question)[-1].data["response"] == before
