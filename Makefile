@@ -9,10 +9,28 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
-# llama-cpp-python compiles from source the first time (~10 min on 2 cores); pip caches the wheel.
+# llama-cpp-python compiles from source the first time (~7-10 min on 2 cores) into a wheelhouse
+# keyed by its version and build flags; later installs on this machine take the wheel from there.
+# Native CPU flags minus AMX: a -march=native build segfaults in ggml's AMX matmul on Xeons in VMs
+# that report AMX (seen here, in llama-server too). pip's own wheel cache ignores CMAKE_ARGS, so it
+# is bypassed for this one package and the wheelhouse directory name carries the flags instead.
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_TAG := native-noamx
+else
+LLAMA_FLAGS :=
+LLAMA_TAG := native
+endif
+export LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(LLAMA_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_FLAGS)'
+WHEELHOUSE := $(HOME)/.cache/edison/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_TAG)
+
 # The bench extra too: tests/test_benchmarks.py runs `python -m benchmarks --quick` end to end.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/pip install -e '.[test,bench]'
+	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="$$LLAMA_CMAKE_ARGS" $(VENV)/bin/pip wheel --no-deps --no-cache-dir \
+	        --no-binary llama-cpp-python -w $(WHEELHOUSE) 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(VENV)/bin/pip install --find-links $(WHEELHOUSE) -e '.[test,bench]'
 	touch $@
 
 setup: $(STAMP)
