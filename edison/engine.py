@@ -16,12 +16,13 @@ import ctypes
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 
 from edison.messages import Cancelled, Done, Failed, Job, Progress, Token, Usage
 from edison.prompt import Prompt, PromptFormat, StopFilter
-from edison.settings import Settings
+from edison.settings import ModelSettings, Settings
 
 Emit = Callable[[object], None]
 
@@ -49,20 +50,25 @@ class _Progress:
         return Usage(self.prompt_tokens, self.completion_tokens)
 
 
+def llama_options(model: ModelSettings, threads: int) -> dict[str, Any]:
+    """`llama_cpp.Llama` keyword arguments for these settings, in one place so that the
+    benchmarks' in-process baseline loads the model exactly as a worker does."""
+    return {
+        "n_ctx": model.n_ctx,
+        "n_batch": model.n_batch,
+        "n_ubatch": model.n_ubatch,
+        "n_threads": threads,
+        "n_threads_batch": model.threads_batch or threads,
+        "flash_attn": model.flash_attn,
+        "n_gpu_layers": model.n_gpu_layers,
+        "verbose": False,
+    }
+
+
 class Engine:
     def __init__(self, model_path: str, settings: Settings, cancelled: Callable[[int], bool]) -> None:
         model = settings.model
-        self.llm = llama_cpp.Llama(
-            model_path,
-            n_ctx=model.n_ctx,
-            n_batch=model.n_batch,
-            n_ubatch=model.n_ubatch,
-            n_threads=settings.threads,
-            n_threads_batch=model.threads_batch or settings.threads,
-            flash_attn=model.flash_attn,
-            n_gpu_layers=model.n_gpu_layers,
-            verbose=False,
-        )
+        self.llm = llama_cpp.Llama(model_path, **llama_options(model, settings.threads))
         self.n_ctx = self.llm.n_ctx()
         self.prefill_chunk = settings.pool.prefill_chunk
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)

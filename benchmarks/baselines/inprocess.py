@@ -1,10 +1,11 @@
 """llama-cpp-python called in-process: no HTTP, no pool, no pipe. The throughput reference.
 
-Loads the model once, prints `ready`, then answers one JSON line per JSON line on stdin:
-`{"prompt": str, "max_tokens": int, "options": {...}}` -> `{"sent_at": 0.0, "token_at": [...]}`
-(seconds from the call), or `{"tokenize": str}` -> `{"tokens": n}`.
+Loads the model once, with the `Llama` arguments an Edison worker would use for the given
+[model] settings (`edison.engine.llama_options`), prints `ready`, then answers one JSON line
+per JSON line on stdin: `{"prompt": str, "max_tokens": int, "options": {...}}` ->
+`{"token_at": [...], "elapsed": s, "prompt_tokens": n, "text": str}` (seconds from the call), or `{"tokenize": str}` -> `{"tokens": n}`.
 
-    python -m benchmarks.baselines.inprocess --model PATH --threads 2
+    python -m benchmarks.baselines.inprocess --model PATH --threads 2 --settings '{"n_ubatch": 256}'
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import time
 
 import llama_cpp
 
+from edison.engine import llama_options
+from edison.settings import ModelSettings
+
 
 def run(llm: llama_cpp.Llama, request: dict) -> dict:
     if "tokenize" in request:
@@ -25,17 +29,19 @@ def run(llm: llama_cpp.Llama, request: dict) -> dict:
     for chunk in llm(request["prompt"], stream=True, max_tokens=request["max_tokens"], **request.get("options", {})):
         token_at.append(time.monotonic() - start)
         parts.append(chunk["choices"][0]["text"])
-    return {"token_at": token_at, "text": "".join(parts)}
+    elapsed = time.monotonic() - start
+    prompt_tokens = len(llm.tokenize(request["prompt"].encode("utf-8"), add_bos=True))
+    return {"token_at": token_at, "elapsed": elapsed, "prompt_tokens": prompt_tokens, "text": "".join(parts)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=8192)
+    parser.add_argument("--settings", default="{}", help="[model] settings as JSON (Edison's defaults otherwise)")
     args = parser.parse_args()
-    llm = llama_cpp.Llama(args.model, n_ctx=args.n_ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+    model = ModelSettings(**json.loads(args.settings))
+    llm = llama_cpp.Llama(args.model, **llama_options(model, args.threads))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip():
