@@ -23,8 +23,10 @@ class Plan:
     baseline_cap_s: float
     full_cap_s: float
     wedge_trials: int  # per kind (SIGSTOP, stuck in a native call)
-    throughput_runs: int  # per system
+    throughput_runs: int  # per system: one decode run (a reply of `throughput_tokens`) each
     throughput_tokens: int
+    prefill_runs: int  # per system: a fresh prompt of `prefill_tokens` and a one-token reply
+    prefill_tokens: int
     memory_workers: tuple[int, ...]  # Edison started afresh with each; 1 worker is the head-to-head one
     load_trials: int
     load_workers: int = 2
@@ -45,6 +47,8 @@ FULL = Plan(
     wedge_trials=10,
     throughput_runs=5,
     throughput_tokens=128,
+    prefill_runs=3,
+    prefill_tokens=6000,
     memory_workers=(2, 4),
     load_trials=15,
 )
@@ -63,6 +67,8 @@ QUICK = Plan(
     wedge_trials=1,
     throughput_runs=1,
     throughput_tokens=16,
+    prefill_runs=1,
+    prefill_tokens=1000,
     memory_workers=(),
     load_trials=1,
 )

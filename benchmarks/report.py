@@ -81,7 +81,7 @@ def summarise(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     rows += _stop_rows(trials.get("stop", []), labels)
     rows += _wedge_rows(trials.get("wedge", []))
-    rows += _throughput_rows(trials.get("throughput", []))
+    rows += _throughput_rows(trials.get("throughput", []), trials.get("prefill_speed", []))
     rows += _memory_rows(trials.get("memory", []))
     rows += _load_rows(trials.get("load", []), trials.get("lag", {}))
     return rows
@@ -120,20 +120,33 @@ def _wedge_rows(records: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def _throughput_rows(records: list[dict[str, Any]]) -> list[Row]:
-    rows, medians = [], {}
-    for label in dict.fromkeys(r["system"] for r in records if "error" not in r):
-        mine = _by(records, system=label)
-        rows.append(Row("throughput", "time to first token", label, _samples(mine, "ttft_s", None)))
-        tps = _samples(mine, "decode_tokens_per_s", None)
-        rows.append(Row("throughput", "decode speed", label, tps, unit="tok/s"))
-        medians[label] = (_median(_samples(mine, "ttft_s", None)), _median(tps))
-    edison = next((k for k in medians if k.startswith("edison")), None)
-    inproc = next((k for k in medians if k.startswith("in-process")), None)
-    if edison and inproc and all(medians[edison]) and all(medians[inproc]):
-        (e_ttft, e_tps), (i_ttft, i_tps) = medians[edison], medians[inproc]
-        text = f"TTFT {e_ttft / i_ttft:.2f}x, tok/s {e_tps / i_tps:.2f}x"
-        rows.append(Row("throughput", "edison / in-process (p50s)", edison, text=text))
+def _throughput_rows(decodes: list[dict[str, Any]], prefills: list[dict[str, Any]]) -> list[Row]:
+    """Per system: decode (time to first token, tokens/s) and prefill (time, tokens/s) rows, then
+    Edison's speed against llama-server's and in-process llama-cpp-python's (ratio of p50s)."""
+    rows: list[Row] = []
+    speeds: dict[str, dict[str, float | None]] = {}
+    for label in dict.fromkeys(r["system"] for r in [*decodes, *prefills] if "error" not in r):
+        mine = _by(decodes, system=label)
+        if mine:
+            rows.append(Row("throughput", "time to first token", label, _samples(mine, "ttft_s", None)))
+            tps = _samples(mine, "decode_tokens_per_s", None)
+            rows.append(Row("throughput", "decode speed", label, tps, unit="tok/s"))
+            speeds.setdefault(label, {})["decode"] = _median(tps)
+        mine = _by(prefills, system=label)
+        if mine:
+            rows.append(Row("throughput", f"prefill time ({mine[0]['prompt_tokens']} tok)", label, _samples(mine, "prefill_s", None)))
+            tps = _samples(mine, "prefill_tokens_per_s", None)
+            rows.append(Row("throughput", "prefill speed", label, tps, unit="tok/s"))
+            speeds.setdefault(label, {})["prefill"] = _median(tps)
+    edison = next((k for k in speeds if k.startswith("edison")), None)
+    for reference in ("llama-server", "in-process"):
+        other = next((k for k in speeds if k.startswith(reference)), None)
+        if not edison or not other:
+            continue
+        ratios = [f"{phase} {speeds[edison][phase] / speeds[other][phase]:.2f}x"  # type: ignore[operator]
+                  for phase in ("prefill", "decode") if speeds[edison].get(phase) and speeds[other].get(phase)]
+        if ratios:
+            rows.append(Row("throughput", f"edison / {reference} speed (p50s)", edison, text=", ".join(ratios)))
     return rows
 
 
@@ -207,7 +220,7 @@ CHART_PHASES = (
     ("decode", "cancel", "decode\ncancel"),
     ("decode", "disconnect", "decode\ndisconnect"),
 )
-COLOURS = {"edison": "#1b7837", "seed": "#c51b7d", "llama-cpp-server": "#2166ac"}
+COLOURS = {"edison": "#1b7837", "seed": "#c51b7d", "llama-cpp-server": "#2166ac", "llama-server": "#e08214"}
 
 
 def chart(path: Path, results: dict[str, Any], title: str) -> None:
@@ -287,6 +300,10 @@ threads for every system.
 
 ![stop latency per phase per system]({chart_name})
 
+## Throughput
+
+{throughput_headline(rows)}
+
 ## All results
 
 {markdown_table(rows)}
@@ -309,6 +326,19 @@ def headline(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def throughput_headline(rows: list[Row]) -> str:
+    """Prefill and decode speed (p50) per system, and Edison's ratios."""
+    speed = {(r.system, r.metric): r.cells()[4] for r in rows if r.section == "throughput" and r.samples}
+    systems = list(dict.fromkeys(system for system, _ in speed))
+    lines = ["| system | prefill time (p50) | prefill speed (p50) | decode speed (p50) |", "|---|---:|---:|---:|"]
+    for system in systems:
+        prefill_time = next((v for (s, m), v in speed.items() if s == system and m.startswith("prefill time")), "-")
+        lines.append(f"| {system} | {prefill_time} | {speed.get((system, 'prefill speed'), '-')} "
+                     f"| {speed.get((system, 'decode speed'), '-')} |")
+    ratios = [f"- {r.metric}: **{r.text}**" for r in rows if r.section == "throughput" and r.text]
+    return "\n".join(lines + [""] + ratios)
+
+
 METHOD = """## What is measured, and how
 
 - **Systems**, on the same machine, model, prompt text, greedy sampling and thread count:
@@ -316,7 +346,10 @@ METHOD = """## What is measured, and how
   (`benchmarks/baselines/seed_server.py`: one process, `Llama(...)(stream=True)` on a thread,
   a flag checked between tokens); **llama-cpp-server**, llama-cpp-python's bundled server
   (`python -m llama_cpp.server ... --logits_all False`, since its default also computes the
-  logits of every prompt token), which has no cancel: a client can only disconnect.
+  logits of every prompt token), which has no cancel: a client can only disconnect;
+  **llama-server**, llama.cpp's own C++ server built from the llama.cpp that llama-cpp-python
+  vendors (`benchmarks/llama_server.py`), with its own defaults and one slot, no cancel either.
+  Edison and the in-process reference run Edison's [model] settings from config.toml.
 - **cancel → done**: from just before the `POST /chat/cancel` is sent to the arrival of the
   stream's `done` event. **→ CPU idle**: from the same moment (or just before the socket is shut
   down, for a disconnect) until the computing process (Edison's worker; the baseline's only
@@ -335,7 +368,9 @@ METHOD = """## What is measured, and how
   the 5 ms probe) to /health (polled every 10 ms) showing the new worker ready.
 - **throughput**: 128-token greedy replies; time to first token from the request's send, decode
   tokens/s after the first token; in-process is llama-cpp-python called directly in a process of
-  its own (no HTTP, no pool), the same `Llama` settings.
+  its own (no HTTP, no pool), the same `Llama` settings as an Edison worker. **prefill**: a fresh
+  ~6,000-token prompt (nonce first) with a one-token reply, timed from the send to the end of the
+  reply; speed = prompt tokens / that time.
 - **memory**: `psutil.memory_full_info()` after a warm-up of short replies. PSS splits shared
   pages (the mmapped model) between the processes that map them, so PSS adds up across processes.
 - **load**: Edison with 2 workers x 1 thread, both decoding, and the queue full. The event-loop lag

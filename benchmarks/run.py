@@ -1,9 +1,9 @@
 """`python -m benchmarks`: runs every section in order, with progress on stderr, then prints
 one table and writes the JSON (raw samples, machine info) and the chart to benchmarks/results/.
 
-Sections, in order: throughput and memory of the head-to-head systems (they also warm them
-up), stop during decode, stop during prefill (the headline), wedged workers, Edison's memory
-with 1/2/4 workers, Edison under load. The head-to-head systems are measured interleaved,
+Sections, in order: throughput (decode speed and the prefill of a ~6,000-token prompt) and
+memory of the head-to-head systems (they also warm them up), stop during decode, stop during
+prefill (the headline), wedged workers, Edison's memory with 1/2/4 workers, Edison under load. The head-to-head systems are measured interleaved,
 trial by trial, so that contention from other work on the machine hits them alike.
 
 Every process is started by this module's caller thread and stopped in a `finally`, even
@@ -22,17 +22,20 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from benchmarks import report, scenarios
+from benchmarks import llama_server, report, scenarios
 from benchmarks.plan import FULL, QUICK, Plan
 from benchmarks.systems import SYSTEMS, Edison, InProcess, System
 from benchmarks.workload import long_message
+from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("throughput", "decode", "prefill", "wedge", "memory", "load")
@@ -62,11 +65,11 @@ class Progress:
 
 
 class Run:
-    def __init__(self, plan: Plan, args: argparse.Namespace, model_path: str, workdir: Path) -> None:
-        self.plan, self.args, self.model_path, self.workdir = plan, args, model_path, workdir
+    def __init__(self, plan: Plan, args: argparse.Namespace, model: ModelSettings, workdir: Path) -> None:
+        self.plan, self.args, self.model, self.workdir = plan, args, model, workdir
         self.threads: int = args.threads
         self.rng = random.Random(args.seed)
-        self.trials: dict[str, Any] = {s: [] for s in ("throughput", "memory", "stop", "wedge", "load")}
+        self.trials: dict[str, Any] = {s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "wedge", "load")}
         self.trials["lag"] = {"idle": [], "loaded": []}
         self.errors: list[dict[str, Any]] = []
         self.started: list[System | InProcess] = []
@@ -81,7 +84,7 @@ class Run:
         p, n = self.plan, len(self.args.systems)
         baselines = sum(2 if SYSTEMS[s].can_cancel else 1 for s in self.args.systems if s != "edison")
         counts = {
-            "throughput": p.throughput_runs * (n + 1),
+            "throughput": (p.throughput_runs + p.prefill_runs) * (n + 1),
             "decode": p.decode_trials * sum(2 if SYSTEMS[s].can_cancel else 1 for s in self.args.systems),
             "prefill": p.prefill_trials + p.prefill_disconnect_trials + p.baseline_prefill_trials * baselines,
             "wedge": 2 * p.wedge_trials,
@@ -136,15 +139,19 @@ class Run:
     def run(self) -> None:
         systems = [self._make(name) for name in self.args.systems]
         edison = next(s for s in systems if isinstance(s, Edison))
-        inproc = InProcess(self.model_path, self.threads, self.workdir)
+        inproc = InProcess(self.model, self.threads, self.workdir)
         self.described = [s.describe() for s in systems]
         self.head_to_head = [s.label for s in systems]
+        if "llama-server" in self.args.systems and not llama_server.binary_path().exists():
+            self.progress.show("building llama-server from llama-cpp-python's sdist (first time only, 10-15 min)")
+            llama_server.ensure_built(self.workdir / "llama-server-build.log")
         self.progress.show("starting the head-to-head systems")
         self.start(*systems, inproc)
         self.progress.step("started")
         self.prompt_tokens = inproc.ask({"tokenize": long_message(random.Random(0))})["tokens"]
         if self.wants("throughput"):
             self.throughput([*systems, inproc])
+            self.prefill_speed([*systems, inproc])
         if self.wants("memory"):
             self.snapshot_memory([*systems, inproc])
         self.stop(inproc)
@@ -161,8 +168,7 @@ class Run:
             self.load()
 
     def _make(self, name: str) -> System:
-        cls = SYSTEMS[name]
-        return cls(self.model_path, self.threads, self.workdir)
+        return SYSTEMS[name](self.model, self.threads, self.workdir)
 
     def throughput(self, targets: list[System | InProcess]) -> None:
         for i in range(self.plan.throughput_runs):
@@ -171,6 +177,17 @@ class Run:
                 record = self.attempt("throughput", target, scenarios.throughput_run, target, self.rng,
                                       self.plan.throughput_tokens)
                 self.trials["throughput"].append(record)
+
+    def prefill_speed(self, targets: list[System | InProcess]) -> None:
+        p, inproc = self.plan, next(t for t in targets if isinstance(t, InProcess))
+        # For the systems that do not report a prompt's length (they all get the same text).
+        known = inproc.ask({"tokenize": long_message(random.Random(0), p.prefill_tokens)})["tokens"]
+        for i in range(p.prefill_runs):
+            for target in targets:
+                self.progress.step(f"prefill speed: {target.label} {i + 1}/{p.prefill_runs}")
+                record = self.attempt("prefill speed", target, scenarios.prefill_run, target, self.rng,
+                                      p.prefill_tokens, known)
+                self.trials["prefill_speed"].append(record)
 
     def snapshot_memory(self, targets: list[System | InProcess]) -> None:
         self.progress.step("memory of the head-to-head systems")
@@ -235,7 +252,7 @@ class Run:
     def memory_scaling(self) -> None:
         for workers in self.plan.memory_workers:  # 1 worker: the head-to-head Edison, measured earlier
             self.progress.step(f"memory: edison with {workers} workers")
-            edison = Edison(self.model_path, max(1, self.threads // workers), self.workdir, workers=workers)
+            edison = Edison(self.model, max(1, self.threads // workers), self.workdir, workers=workers)
             try:
                 self.start(edison)
                 scenarios.warm_up(edison, workers, self.rng)
@@ -248,7 +265,7 @@ class Run:
     def load(self) -> None:
         p = self.plan
         self.progress.step("load: starting edison")
-        edison = Edison(self.model_path, max(1, self.threads // p.load_workers), self.workdir,
+        edison = Edison(self.model, max(1, self.threads // p.load_workers), self.workdir,
                         workers=p.load_workers, queue_size=p.load_queue)
         self.described.append(edison.describe())
         try:
@@ -268,7 +285,7 @@ class Run:
             self.stop(edison)
 
 
-def machine_info(model_path: str, threads: int) -> dict[str, Any]:
+def machine_info(model: ModelSettings, threads: int, overrides: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -291,9 +308,11 @@ def machine_info(model_path: str, threads: int) -> dict[str, Any]:
         "llama_cpp_python": llama_cpp.__version__,
         "versions": versions,
         "git_commit": commit,
-        "model": Path(model_path).name,
-        "model_path": model_path,
-        "model_bytes": Path(model_path).stat().st_size,
+        "model": Path(model.path).name,
+        "model_path": model.path,
+        "model_bytes": Path(model.path).stat().st_size,
+        "edison_model_settings": asdict(model),
+        "overrides": overrides,
         "threads": threads,
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
@@ -309,7 +328,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON, chart and logs go")
     parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md and its chart")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report (and --publish) a saved run's JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one of Edison's settings (as in config.toml), e.g. --set model.n_ubatch=512")
     args = parser.parse_args(argv)
+    try:
+        args.overrides = dict(_override(item) for item in args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     args.systems = [s for s in args.systems.split(",") if s]
     args.only = [s for s in args.only.split(",") if s]
     unknown = [s for s in args.systems if s not in SYSTEMS] + [s for s in args.only if s not in SECTIONS]
@@ -320,24 +345,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _override(item: str) -> tuple[str, Any]:
+    """"model.n_ubatch=512" -> ("model.n_ubatch", 512): the value is read as TOML, else a string."""
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+def edison_model(model_path: str, threads: int, overrides: dict[str, Any]) -> ModelSettings:
+    """Edison's [model] settings as `make run` would use them (config.toml, then the overrides),
+    for the bundled model, the run's thread count and the 8192-token context every system gets."""
+    model = load_settings(DEFAULT_CONFIG, **overrides).model
+    return replace(model, path=model_path, n_ctx=8192, threads=threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         return report_saved(args)
     plan = QUICK if args.quick else FULL
     from edison.model import resolve_model_path
-    from edison.settings import ModelSettings
 
-    model_path = str(resolve_model_path(ModelSettings()))
+    model = edison_model(str(resolve_model_path(ModelSettings())), args.threads, args.overrides)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.out / f"logs-{stamp}"
     workdir.mkdir()
-    meta = machine_info(model_path, args.threads)
+    meta = machine_info(model, args.threads, args.overrides)
     # SIGTERM/SIGHUP become SystemExit, so every `finally` below runs and stops what was started.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda n, _f: sys.exit(128 + n))
-    run = Run(plan, args, model_path, workdir)
+    run = Run(plan, args, model, workdir)
     started = time.monotonic()
     try:
         run.run()

@@ -171,6 +171,33 @@ def throughput_run(target: System | InProcess, rng: random.Random, tokens: int) 
     }
 
 
+def prefill_run(target: System | InProcess, rng: random.Random, tokens: int, known: int) -> dict[str, Any]:
+    """A fresh prompt of about `tokens` tokens and a one-token greedy reply, timed from the send
+    to the end of the reply: the prefill speed as a client sees it. `known`: the prompt's length
+    for a system that does not report it."""
+    message = long_message(rng, tokens)
+    if isinstance(target, InProcess):
+        options = {**SAMPLING, "stop": STOPS}
+        reply = target.ask({"prompt": transcript(message), "max_tokens": 1, "options": options})
+        seconds, prompt_tokens = reply["elapsed"], reply["prompt_tokens"]
+    else:
+        stream = target.open(message, max_tokens=1)
+        try:
+            done = stream.wait_for("done", 600)
+        finally:
+            stream.close()
+        if not done.data.get("ok"):
+            raise RuntimeError(f"prefill failed: {done.data}")
+        seconds, prompt_tokens = done.at - stream.sent_at, (done.data.get("usage") or {}).get("prompt_tokens")
+    prompt_tokens = prompt_tokens or known
+    return {
+        "system": target.label,
+        "prompt_tokens": prompt_tokens,
+        "prefill_s": seconds,
+        "prefill_tokens_per_s": prompt_tokens / seconds,
+    }
+
+
 def memory_snapshot(label: str, processes: dict[str, int]) -> list[dict[str, Any]]:
     rows = []
     for role, pid in processes.items():

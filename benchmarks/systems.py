@@ -4,8 +4,11 @@ A `System` is an HTTP server in its own process(es), started by the benchmark on
 loopback port. It can `open` a streaming request (an `SSEStream`, normalised to
 init/token/progress/queued/done events), maybe `cancel` it, name the process that does the
 computing for it (`compute_pid`), and list its processes for the memory table. Adding
-another system (say llama.cpp's own `llama-server`) is one more subclass here and one more
-entry in `SYSTEMS`.
+another system is one more subclass here and one more entry in `SYSTEMS`.
+
+Every system gets the same model file and thread count. Edison (and the in-process reference)
+run Edison's [model] settings from config.toml, with the run's `--set` overrides; the others
+run their own defaults, as their users would.
 
 Every process is started through a small shim that sets PR_SET_PDEATHSIG, so even a
 benchmark that is SIGKILLed leaves no server behind; `stop()` ends what it started by pid.
@@ -21,13 +24,16 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
 
+from benchmarks import llama_server
 from benchmarks.client import Event, SSEStream, wait_until
 from benchmarks.workload import LONG_REPLY, REPLY_LENGTHS, SAMPLING, STOPS, transcript
+from edison.settings import ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,8 +129,9 @@ class System:
     name: ClassVar[str]
     can_cancel: ClassVar[bool] = True
 
-    def __init__(self, model_path: str, threads: int, workdir: Path) -> None:
-        self.model_path = model_path
+    def __init__(self, model: ModelSettings, threads: int, workdir: Path) -> None:
+        self.model = model
+        self.model_path = model.path
         self.threads = threads
         self.workdir = workdir
         self.port = 0
@@ -195,8 +202,8 @@ class System:
 class Edison(System):
     name = "edison"
 
-    def __init__(self, model_path: str, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16) -> None:
-        super().__init__(model_path, threads, workdir)
+    def __init__(self, model: ModelSettings, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16) -> None:
+        super().__init__(model, threads, workdir)
         self.workers = workers
         self.queue_size = queue_size
         self.config_path = workdir / f"edison-{workers}w-{threads}t.toml"
@@ -212,11 +219,12 @@ class Edison(System):
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in SAMPLING.items())
             for n in REPLY_LENGTHS
         )
+        model = asdict(replace(self.model, threads=self.threads))
         return (
             f'default_mode = "n{LONG_REPLY}"\n'
             '[server]\nhost = "127.0.0.1"\nlog_level = "info"\n'
-            f'[model]\npath = {json.dumps(self.model_path)}\nn_ctx = 8192\nn_batch = 512\nn_ubatch = 512\nthreads = {self.threads}\n'
-            f"[pool]\nworkers = {self.workers}\nqueue_size = {self.queue_size}\ncancel_deadline_s = 1.0\n"
+            "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
+            + f"[pool]\nworkers = {self.workers}\nqueue_size = {self.queue_size}\ncancel_deadline_s = 1.0\n"
             "kill_grace_s = 0.2\nprefill_chunk = 512\n"
             "[debug]\nallow_wedge = true\n" + modes
         )
@@ -330,7 +338,43 @@ def _openai_events(name: str, data: str, at: float) -> Event | None:
     return Event("token", {"t": text}, at) if text else None
 
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (Edison, Seed, LlamaCppServer)}
+class LlamaServer(System):
+    """llama.cpp's own C++ server, built by benchmarks/llama_server.py from the llama.cpp that
+    llama-cpp-python vendors. Its own defaults (flash attention auto, -b 2048 -ub 512, a
+    window-sized SWA cache), one slot. No cancel: a client stops a generation by disconnecting."""
+
+    name = "llama-server"
+    can_cancel = False
+
+    def launch(self) -> None:
+        llama_server.ensure_built(self.workdir / "llama-server-build.log")
+        super().launch()
+
+    def argv(self) -> list[str]:
+        return [str(llama_server.binary_path()), "--model", self.model_path, "--ctx-size", "8192",
+                "--threads", str(self.threads), "--threads-batch", str(self.threads), "--parallel", "1",
+                "--no-ui", "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def is_ready(self) -> bool:
+        return http_json(self.port, "GET", "/health", timeout=2)[0] == 200
+
+    def open(self, message: str, max_tokens: int = LONG_REPLY, **extra: Any) -> SSEStream:
+        body = {"prompt": transcript(message), "n_predict": max_tokens, "stream": True, "stop": STOPS, **SAMPLING}
+        return SSEStream(self.port, "/completion", body, translate=_llama_server_events)
+
+
+def _llama_server_events(name: str, data: str, at: float) -> Event | None:
+    """/completion chunks: one per token while `stop` is false, then one with `stop` true."""
+    chunk = json.loads(data)
+    if "error" in chunk:
+        return Event("done", {"ok": False, "error": chunk["error"]}, at)
+    if not chunk.get("stop"):
+        return Event("token", {"t": chunk.get("content", "")}, at)
+    usage = {"prompt_tokens": chunk.get("tokens_evaluated"), "completion_tokens": chunk.get("tokens_predicted")}
+    return Event("done", {"ok": True, "usage": usage, "timings": chunk.get("timings")}, at)
+
+
+SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (Edison, LlamaServer, Seed, LlamaCppServer)}
 
 
 class InProcess:
@@ -339,9 +383,10 @@ class InProcess:
 
     name = "llama-cpp-python in-process"
 
-    def __init__(self, model_path: str, threads: int, workdir: Path) -> None:
+    def __init__(self, model: ModelSettings, threads: int, workdir: Path) -> None:
         self.threads = threads
-        argv = [sys.executable, "-m", "benchmarks.baselines.inprocess", "--model", model_path, "--threads", str(threads)]
+        argv = [sys.executable, "-m", "benchmarks.baselines.inprocess", "--model", model.path,
+                "--threads", str(threads), "--settings", json.dumps(asdict(model))]
         self.process = Process(argv, workdir / "inprocess.log")
 
     @property

@@ -15,7 +15,7 @@ SAMPLING = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repe
 STOPS = list(TRANSCRIPT_STOPS)
 
 # Reply lengths a benchmark may ask for; Edison gets one mode per length (it takes no max_tokens).
-REPLY_LENGTHS = (2048, 128, 32, 16)
+REPLY_LENGTHS = (2048, 128, 32, 16, 1)  # 1: a prefill timed to the end of its reply
 LONG_REPLY = 2048
 
 # The bundled base model counts for as long as it is allowed: a reliable long decode.
@@ -39,8 +39,8 @@ def counting(rng: random.Random) -> str:
     return f"{nonce(rng)} {COUNTING}"
 
 
-def long_message(rng: random.Random) -> str:
-    return f"{nonce(rng)} Summarise this text.\n\n{long_text()}"
+def long_message(rng: random.Random, tokens: int = PREFILL_TOKENS) -> str:
+    return f"{nonce(rng)} Summarise this text.\n\n{long_text(tokens)}"
 
 
 def transcript(message: str) -> str:

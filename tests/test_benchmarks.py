@@ -1,6 +1,7 @@
-"""`python -m benchmarks --quick` runs end to end: every system starts, every section measures
-something, and the JSON and the chart are written. Needs the `bench` extra (matplotlib and
-llama-cpp-python's server); skipped without it. Not a performance test: numbers on a shared
+"""`python -m benchmarks --quick` runs end to end: every system starts (llama.cpp's own server
+included, built from source the first time), every section measures something, and the JSON
+and the chart are written. Needs the `bench` extra (matplotlib and llama-cpp-python's server);
+skipped without it. Not a performance test: numbers on a shared
 machine are noise, so nothing here asserts a latency.
 """
 
@@ -19,8 +20,18 @@ for module in ("matplotlib", "sse_starlette", "starlette_context", "pydantic_set
     pytest.importorskip(module, reason="the benchmarks need the `bench` extra: pip install -e '.[bench]'")
 
 
-@pytest.mark.timeout(600)
-def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def llama_server_binary() -> Path:
+    """llama.cpp's server, built once per machine (10-15 min on 2 cores) and cached."""
+    build = subprocess.run([sys.executable, "-m", "benchmarks.llama_server"], cwd=REPO, capture_output=True,
+                           text=True, timeout=2400)
+    assert build.returncode == 0, f"llama-server build failed:\n{build.stderr[-4000:]}"
+    return Path(build.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(3000)
+def test_quick_benchmark_runs_end_to_end(tmp_path: Path, llama_server_binary: Path) -> None:
+    assert llama_server_binary.is_file()
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--seed", "7"],
         cwd=REPO, capture_output=True, text=True, timeout=580,
@@ -46,9 +57,13 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 
     assert {r["kind"] for r in trials["wedge"]} == {"sigstop", "native"}
     assert all(r["cancel_to_next_token_s"] for r in trials["wedge"])
-    systems = {r["system"].split(" ")[0] for r in trials["throughput"]}
-    assert systems >= {"edison", "in-process"}
+    assert any(label.startswith("llama-server") for label in results["head_to_head"])
+    for section in ("throughput", "prefill_speed"):
+        systems = {r["system"].split(" ")[0] for r in trials[section]}
+        assert systems >= {"edison", "in-process", "llama-server"}, section
     assert all(r["ttft_s"] and r["decode_tokens_per_s"] for r in trials["throughput"])
+    assert all(r["prompt_tokens"] > 500 and r["prefill_s"] > 0 for r in trials["prefill_speed"])
+    assert "edison / llama-server speed (p50s)" in run.stdout
     assert {r["role"] for r in trials["memory"]} >= {"web", "worker 0", "server"}
     assert trials["load"] and trials["load"][0]["reject_status"] == 503
     assert trials["lag"]["idle"] and trials["lag"]["loaded"]
