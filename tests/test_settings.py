@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edison.settings import DEFAULT_CONFIG, ConfigError, load_settings
+from edison.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
 from tests.support import REPO
 
 
@@ -16,6 +16,14 @@ def test_shipped_config_loads_with_chat_and_code_modes() -> None:
     assert settings.server.host == "127.0.0.1" and settings.server.port == 8811
     assert {"chat", "code"} <= set(settings.modes) and settings.default_mode == "chat"
     assert settings.pool.workers == 2 and settings.threads >= 1
+
+
+def test_shipped_config_and_the_code_defaults_agree() -> None:
+    """config.toml is what `make run` uses, the dataclass defaults what a config without the key
+    gets: the two drifted once (flash attention was on in the code, off in the file)."""
+    shipped, built_in = load_settings(DEFAULT_CONFIG), Settings()
+    for section in ("server", "model", "pool", "debug"):
+        assert getattr(shipped, section) == getattr(built_in, section), section
 
 
 @pytest.mark.parametrize(
