@@ -3,8 +3,9 @@ worker runs, abort callback included) in this process, no pool, no HTTP, once pe
 
 For each candidate it measures the prefill of a fresh ~6,000-token prompt (wall time and this
 process's CPU time), greedy decode speed, and the abort latency inside `llama_decode`: the
-cancel flag is set from another thread at a random moment of a prefill, and the time until
-the engine reports `Cancelled` is what a stop costs before any IPC. Candidates are measured
+cancel flag is set from another thread at a random moment of a prefill (anywhere in it: a
+stop late in a long prompt costs more, see `Bench.abort`), and the time until the engine
+reports `Cancelled` is what a stop costs before any IPC. Candidates are measured
 interleaved, round by round, so that whatever else the machine does hits them alike.
 
     python -m benchmarks.throughput                       # the candidates below, 3 rounds
@@ -76,10 +77,14 @@ class Bench:
         count = closing.usage.completion_tokens
         return {"decode_tokens": count, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
-    def abort(self, rng: random.Random) -> dict[str, Any]:
-        """A prefill cancelled at a random moment: flag set -> `Cancelled` from the engine."""
+    def abort(self, rng: random.Random, prefill_s: float) -> dict[str, Any]:
+        """A prefill cancelled at a random moment of it: flag set -> `Cancelled` from the engine.
+
+        The moment matters: before each `llama_decode` computes, llama.cpp fills the attention
+        masks (prompt tokens x cached positions) on one thread, with no abort check, so a stop
+        late in a long prompt waits longer. `prefill_s`: how long this candidate's prefill takes."""
         job = self.job(transcript(long_message(rng)), max_tokens=1)
-        delay = rng.uniform(0.2, 3.0)
+        delay = rng.uniform(0.2, 0.95 * prefill_s)
         flagged: list[float] = []
 
         def cancel() -> None:
@@ -93,7 +98,7 @@ class Bench:
         timer.join()
         if not isinstance(closing, Cancelled):
             return {"abort_ms": None, "note": "finished before the cancel"}
-        return {"abort_ms": (ended - flagged[0]) * 1000, "tier": closing.tier, "delay_s": delay}
+        return {"abort_ms": (ended - flagged[0]) * 1000, "tier": closing.tier, "at": delay / prefill_s}
 
     def _run(self, job: Job, on_token: Any = None) -> object:
         closing: list[object] = []
@@ -122,9 +127,10 @@ def measure(model_path: str, threads: int, names: list[str], rounds: int, aborts
             try:
                 base = {"candidate": name, "round": round_}
                 bench.decode(rng, tokens=8)  # warm-up
-                records.append({**base, **bench.prefill(rng)})
+                prefill = bench.prefill(rng)
+                records.append({**base, **prefill})
                 records.append({**base, **bench.decode(rng)})
-                records += [{**base, **bench.abort(rng)} for _ in range(aborts)]
+                records += [{**base, **bench.abort(rng, prefill["prefill_s"])} for _ in range(aborts)]
             finally:
                 bench.close()
     return records
