@@ -41,7 +41,7 @@ class ModelSettings:
     n_ctx: int = 8192
     # The same as config.toml's, which says what each buys (benchmarks/RESULTS.md, "Issue #8").
     n_batch: int = 512
-    n_ubatch: int = 512
+    n_ubatch: int = 128
     flash_attn: bool = True
     n_gpu_layers: int = 0
     threads: int = 0  # per worker; 0 = cores / workers, at least 1
