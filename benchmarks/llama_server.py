@@ -56,18 +56,27 @@ def ensure_built(log: Path | None = None) -> Path:
     target = binary_path()
     if target.exists():
         return target
+    cmake = _cmake()
     with tempfile.TemporaryDirectory(prefix="edison-llama-server-") as tmp, _output(log) as out:
         work = Path(tmp)
         source = _vendored_llama_cpp(work, out)
         build = work / "build"
         jobs = str(os.cpu_count() or 2)
-        _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], out)
-        _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], out)
+        _run([cmake, "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], out)
+        _run([cmake, "--build", str(build), "--target", "llama-server", "-j", jobs], out)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         shutil.copy2(build / "bin" / "llama-server", partial)
         partial.rename(target)  # atomic: a half-copied binary is never taken for a built one
     return target
+
+
+def _cmake() -> str:
+    """The bench extra's cmake (beside this Python), else the machine's."""
+    found = shutil.which("cmake", path=str(Path(sys.executable).parent)) or shutil.which("cmake")
+    if found is None:
+        raise RuntimeError("building llama-server needs cmake: pip install -e '.[bench]' brings it")
+    return found
 
 
 def _vendored_llama_cpp(work: Path, out: TextIO) -> Path:

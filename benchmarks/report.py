@@ -286,11 +286,11 @@ def results_markdown(results: dict[str, Any], rows: list[Row], chart_name: str, 
 Latest full run of `python -m benchmarks` ({meta['finished']}, {meta['duration_s'] / 60:.1f} min,
 commit `{meta['git_commit']}`), written by `python -m benchmarks --publish`.
 
-**Machine:** {meta['cpu_model']}, {meta['cpu_count']} logical CPUs, **shared with other developers
-running tests and builds at the same time** (load average {meta['loadavg_start']} at the start,
-{meta['loadavg_end']} at the end; each trial's is in the JSON), so every number here was measured
-under contention and is noisy. The head-to-head systems were measured interleaved, trial by trial,
-so they shared the same contention. Python {meta['python']}, llama-cpp-python {meta['llama_cpp_python']},
+**Machine:** {meta['cpu_model']}, {meta['cpu_count']} logical CPUs; load average {meta['loadavg_start']}
+at the start and {meta['loadavg_end']} at the end (each trial's is in the JSON; the benchmark's own
+{meta['threads']} busy threads count for {meta['threads']}: more than that means other work shared the
+machine). The head-to-head systems were measured interleaved, trial by trial, so that anything
+else on the machine hit them alike. Python {meta['python']}, llama-cpp-python {meta['llama_cpp_python']},
 model `{meta['model']}` ({meta['prompt_tokens']} prompt tokens in the prefill trials), {meta['threads']}
 threads for every system.
 

@@ -403,7 +403,7 @@ def report_run(results: dict[str, Any], args: argparse.Namespace, json_path: Pat
     """Table on stdout; JSON and chart beside each other; RESULTS.md and its chart if --publish."""
     meta = results["meta"]
     rows = report.summarise(results)
-    title = (f"Stop latency per phase, {meta['cpu_count']} shared CPUs, {meta['threads']} threads each "
+    title = (f"Stop latency per phase, {meta['cpu_count']} CPUs, {meta['threads']} threads each "
              f"({meta['mode']} run, {meta['finished']})")
     png_path = json_path.with_suffix(".png")
     if write:
