@@ -3,8 +3,9 @@ one table and writes the JSON (raw samples, machine info) and the chart to bench
 
 Sections, in order: throughput (decode speed and the prefill of a ~6,000-token prompt) and
 memory of the head-to-head systems (they also warm them up), stop during decode, stop during
-prefill (the headline), wedged workers, Edison's memory with 1/2/4 workers, Edison under load. The head-to-head systems are measured interleaved,
-trial by trial, so that contention from other work on the machine hits them alike.
+prefill (the headline), wedged workers, Edison's memory with 1/2/4 workers, Edison under load.
+The head-to-head systems are measured interleaved, trial by trial, so that contention from
+other work on the machine hits them alike.
 
 Every process is started by this module's caller thread and stopped in a `finally`, even
 when a section fails; a failed trial is recorded with its error, its system is restarted,
