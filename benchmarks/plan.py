@@ -22,6 +22,11 @@ class Plan:
     baseline_full_run: bool
     baseline_cap_s: float
     full_cap_s: float
+    # A disconnect during a prefill, then at once a short request: how long it waits. Baselines
+    # that finish the abandoned prefill first make each trial last that long (up to the cap).
+    recovery_trials: int  # Edison
+    baseline_recovery_trials: int
+    recovery_cap_s: float
     wedge_trials: int  # per kind (SIGSTOP, stuck in a native call)
     throughput_runs: int  # per system: one decode run (a reply of `throughput_tokens`) each
     throughput_tokens: int
@@ -44,6 +49,9 @@ FULL = Plan(
     baseline_full_run=True,
     baseline_cap_s=15.0,
     full_cap_s=300.0,
+    recovery_trials=10,
+    baseline_recovery_trials=3,
+    recovery_cap_s=60.0,
     wedge_trials=10,
     throughput_runs=5,
     throughput_tokens=128,
@@ -64,6 +72,9 @@ QUICK = Plan(
     baseline_full_run=False,
     baseline_cap_s=2.0,
     full_cap_s=2.0,
+    recovery_trials=1,
+    baseline_recovery_trials=1,
+    recovery_cap_s=3.0,
     wedge_trials=1,
     throughput_runs=1,
     throughput_tokens=16,

@@ -80,6 +80,7 @@ def summarise(results: dict[str, Any]) -> list[Row]:
     labels = results["head_to_head"]
     rows: list[Row] = []
     rows += _stop_rows(trials.get("stop", []), labels)
+    rows += _recovery_rows(trials.get("recovery", []), labels)
     rows += _wedge_rows(trials.get("wedge", []))
     rows += _throughput_rows(trials.get("throughput", []), trials.get("prefill_speed", []))
     rows += _memory_rows(trials.get("memory", []))
@@ -104,6 +105,16 @@ def _stop_rows(records: list[dict[str, Any]], labels: list[str]) -> list[Row]:
                     tier_text = ", ".join(f"{t} {n}" for t, n in tiers.most_common())
                     rows.append(Row(section, f"{how}: worker killed", label, text=f"{killed} of {len(mine)}"))
                     rows.append(Row(section, f"{how}: stopped by tier", label, text=tier_text))
+    return rows
+
+
+def _recovery_rows(records: list[dict[str, Any]], labels: list[str]) -> list[Row]:
+    rows = []
+    for label in labels:
+        mine = _by(records, system=label)
+        if mine:
+            rows.append(Row("recovery", "disconnect in prefill → next request's 1st token", label,
+                            _samples(mine, "stop_to_next_token_s")))
     return rows
 
 
@@ -313,9 +324,10 @@ threads for every system.
 
 
 def headline(rows: list[Row]) -> str:
-    """The prefill stops, with the longest fully measured stop beside the percentiles: for the
-    baselines that is the one trial that waited for their whole prefill."""
-    picked = [r for r in rows if r.section.startswith("prefill") and "CPU idle" in r.metric and r.samples]
+    """The prefill stops and the recovery after one, with the longest fully measured sample beside
+    the percentiles: for the baselines' stops that is the one trial that waited for their whole prefill."""
+    picked = [r for r in rows if r.samples and (r.section == "recovery"
+              or r.section.startswith("prefill") and "CPU idle" in r.metric)]
     lines = ["| stop | system | n | p50 | max | longest fully measured | trials capped |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in picked:
         cells = r.cells()
@@ -362,6 +374,9 @@ METHOD = """## What is measured, and how
   restart the server. **worker killed** / **tier**: whether Edison's pool had to kill the worker
   (it should not) and which tier stopped it, from the service log.
 - **decode**: the stop comes after a random 2-24 streamed tokens of a long counting reply.
+- **recovery**: a client disconnects from a ~6,000-token prompt at a random moment of its prefill
+  and at once sends a short counting request (16 tokens); the time from the disconnect to that
+  request's first token. A server still computing the abandoned prompt makes it wait.
 - **wedged**: Edison only. A worker SIGSTOPped mid-decode, or asleep in a C call deaf to the
   flag (`debug_wedge_s`); only the kill tier (1 s deadline) can end it. The next request is sent
   the moment `done` arrives. "kill → replacement ready" runs from the old worker's death (seen by

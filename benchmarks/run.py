@@ -3,7 +3,8 @@ one table and writes the JSON (raw samples, machine info) and the chart to bench
 
 Sections, in order: throughput (decode speed and the prefill of a ~6,000-token prompt) and
 memory of the head-to-head systems (they also warm them up), stop during decode, stop during
-prefill (the headline), wedged workers, Edison's memory with 1/2/4 workers, Edison under load.
+prefill (the headline), recovery (a short request right after an abandoned long one), wedged
+workers, Edison's memory with 1/2/4 workers, Edison under load.
 The head-to-head systems are measured interleaved, trial by trial, so that contention from
 other work on the machine hits them alike.
 
@@ -39,7 +40,7 @@ from benchmarks.workload import long_message
 from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "decode", "prefill", "wedge", "memory", "load")
+SECTIONS = ("throughput", "decode", "prefill", "recovery", "wedge", "memory", "load")
 
 
 class Progress:
@@ -70,7 +71,9 @@ class Run:
         self.plan, self.args, self.model, self.workdir = plan, args, model, workdir
         self.threads: int = args.threads
         self.rng = random.Random(args.seed)
-        self.trials: dict[str, Any] = {s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "wedge", "load")}
+        self.trials: dict[str, Any] = {
+            s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "recovery", "wedge", "load")
+        }
         self.trials["lag"] = {"idle": [], "loaded": []}
         self.errors: list[dict[str, Any]] = []
         self.started: list[System | InProcess] = []
@@ -88,6 +91,7 @@ class Run:
             "throughput": (p.throughput_runs + p.prefill_runs) * (n + 1),
             "decode": p.decode_trials * sum(2 if SYSTEMS[s].can_cancel else 1 for s in self.args.systems),
             "prefill": p.prefill_trials + p.prefill_disconnect_trials + p.baseline_prefill_trials * baselines,
+            "recovery": p.recovery_trials + p.baseline_recovery_trials * (n - 1),
             "wedge": 2 * p.wedge_trials,
             "memory": len(p.memory_workers) + 1,
             "load": p.load_trials + 1,
@@ -160,6 +164,8 @@ class Run:
             self.stop_trials(systems, "decode")
         if self.wants("prefill"):
             self.stop_trials(systems, "prefill")
+        if self.wants("recovery"):
+            self.recovery(systems)
         if self.wants("wedge"):
             self.wedge(edison)
         self.stop(*systems)
@@ -242,6 +248,20 @@ class Run:
                 for record in self.trials["stop"]:
                     if record.get("request_id") in tiers:
                         record.update(tiers[record["request_id"]])
+
+    def recovery(self, systems: list[System]) -> None:
+        p = self.plan
+        for round_ in range(max(p.recovery_trials, p.baseline_recovery_trials)):
+            for system in systems:
+                count = p.recovery_trials if isinstance(system, Edison) else p.baseline_recovery_trials
+                if round_ >= count:
+                    continue
+                self.progress.step(f"recovery: {system.label} {round_ + 1}/{count}")
+                record = self.attempt("recovery", system, scenarios.recovery_trial, system, self.rng,
+                                      p.prefill_delay_s, p.recovery_cap_s)
+                self.trials["recovery"].append(record)
+                if record.get("capped"):
+                    system.restart()  # still on the abandoned prompt: the only way to get it back
 
     def wedge(self, edison: Edison) -> None:
         for i in range(self.plan.wedge_trials):

@@ -86,6 +86,32 @@ def stop_trial(
     return record
 
 
+def recovery_trial(system: System, rng: random.Random, delay: tuple[float, float], cap: float) -> dict[str, Any]:
+    """A client leaves a long prompt at a random moment of its prefill and at once sends a short
+    one, as a user who gives up and asks something else: disconnect -> the short request's first
+    token. A server that keeps computing the abandoned prompt makes the new one wait for it.
+    Gives up `cap` seconds after the disconnect (`capped`)."""
+    record: dict[str, Any] = {"system": system.label}
+    stream = system.open(long_message(rng))
+    follow: SSEStream | None = None
+    try:
+        record["delay_s"] = rng.uniform(*delay)
+        time.sleep(max(0.0, stream.sent_at + record["delay_s"] - time.monotonic()))
+        t0 = stream.disconnect()
+        follow = system.open(counting(rng), max_tokens=16)
+        try:
+            record["stop_to_next_token_s"] = follow.wait_for("token", cap).at - t0
+        except StreamTimeout:
+            record["stop_to_next_token_s"] = None
+        record["capped"] = record["stop_to_next_token_s"] is None
+        record["cap_s"] = cap
+    finally:
+        stream.close()
+        if follow:
+            follow.close()
+    return record
+
+
 def edison_tiers(system: Edison) -> dict[str, dict[str, Any]]:
     """request id -> how the pool says it stopped (tier, and its own cancel -> stop in ms), from the log."""
     pattern = re.compile(r"Request (\S+) stopped by worker pid \d+ \((\w+)\) ([\d.]+) ms after the cancel")

@@ -55,6 +55,10 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path, llama_server_binary: Pa
     assert all(r["cancel_to_idle_s"] is not None and not r["worker_killed"] for r in edison)
     assert {r["how"] for r in edison} == {"cancel", "disconnect"}
 
+    recovered = {r["system"].split(" ")[0]: r for r in trials["recovery"]}
+    assert recovered.keys() >= {"edison", "llama-server"}
+    assert recovered["edison"]["stop_to_next_token_s"] is not None  # Edison's is never capped
+
     assert {r["kind"] for r in trials["wedge"]} == {"sigstop", "native"}
     assert all(r["cancel_to_next_token_s"] for r in trials["wedge"])
     assert any(label.startswith("llama-server") for label in results["head_to_head"])
