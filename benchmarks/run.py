@@ -186,10 +186,16 @@ class Run:
                 self.trials["throughput"].append(record)
 
     def prefill_speed(self, targets: list[System | InProcess]) -> None:
+        """Every round in fresh processes: one process's prefill speed is steady, but it differs
+        from the next one's by up to ~5% (seen here), so each round samples new ones."""
         p, inproc = self.plan, next(t for t in targets if isinstance(t, InProcess))
         # For the systems that do not report a prompt's length (they all get the same text).
         known = inproc.ask({"tokenize": long_message(random.Random(0), p.prefill_tokens)})["tokens"]
         for i in range(p.prefill_runs):
+            if i:
+                self.progress.show("prefill speed: restarting every system")
+                self.stop(*targets)
+                self.start(*targets)
             for target in targets:
                 self.progress.step(f"prefill speed: {target.label} {i + 1}/{p.prefill_runs}")
                 record = self.attempt("prefill speed", target, scenarios.prefill_run, target, self.rng,
@@ -214,15 +220,13 @@ class Run:
                 else:
                     count = p.baseline_prefill_trials
                 queue.append((system, how, count))
-        left = {id(system): sum(c for s, _, c in queue if s is system) for system in systems}
         for round_ in range(max(c for _, _, c in queue)):
             for system, how, count in queue:
                 if round_ < count:
-                    left[id(system)] -= 1
-                    self._stop_trial(system, phase, how, round_, count, last=left[id(system)] == 0)
+                    self._stop_trial(system, phase, how, round_, count)
         self._merge_tiers(systems)
 
-    def _stop_trial(self, system: System, phase: str, how: str, round_: int, count: int, last: bool) -> None:
+    def _stop_trial(self, system: System, phase: str, how: str, round_: int, count: int) -> None:
         p = self.plan
         if phase == "decode":
             moment, cap = p.decode_tokens, 30.0
@@ -239,7 +243,7 @@ class Run:
         if record.get("capped"):
             # Still computing: a restart is the only way to get it back before its prefill ends
             # (and to keep it from slowing down what is measured next).
-            system.restart() if not last or phase == "decode" else system.stop(grace=0)
+            system.restart()
 
     def _merge_tiers(self, systems: list[System]) -> None:
         for system in systems:
