@@ -205,7 +205,7 @@ def prefill_run(target: System | InProcess, rng: random.Random, tokens: int, kno
     if isinstance(target, InProcess):
         options = {**SAMPLING, "stop": STOPS}
         reply = target.ask({"prompt": transcript(message), "max_tokens": 1, "options": options})
-        seconds, prompt_tokens = reply["elapsed"], reply["prompt_tokens"]
+        seconds, prompt_tokens = reply["elapsed"], target.ask({"tokenize": transcript(message)})["tokens"]
     else:
         stream = target.open(message, max_tokens=1)
         try:

@@ -131,7 +131,6 @@ class System:
 
     def __init__(self, model: ModelSettings, threads: int, workdir: Path) -> None:
         self.model = model
-        self.model_path = model.path
         self.threads = threads
         self.workdir = workdir
         self.port = 0
@@ -293,7 +292,7 @@ class Seed(System):
     name = "seed"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "benchmarks.baselines.seed_server", "--model", self.model_path,
+        return [sys.executable, "-m", "benchmarks.baselines.seed_server", "--model", self.model.path,
                 "--threads", str(self.threads), "--port", str(self.port)]
 
     def is_ready(self) -> bool:
@@ -318,7 +317,7 @@ class LlamaCppServer(System):
     def argv(self) -> list[str]:
         # --logits_all False: its default (True) also computes and copies the logits of every
         # prompt token, which would make its prefill slower than the others' and the fight unfair.
-        return [sys.executable, "-m", "llama_cpp.server", "--model", self.model_path, "--n_ctx", "8192",
+        return [sys.executable, "-m", "llama_cpp.server", "--model", self.model.path, "--n_ctx", "8192",
                 "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads), "--n_batch", "512",
                 "--n_ubatch", "512", "--logits_all", "False", "--port", str(self.port), "--host", "127.0.0.1"]
 
@@ -351,7 +350,7 @@ class LlamaServer(System):
         super().launch()
 
     def argv(self) -> list[str]:
-        return [str(llama_server.binary_path()), "--model", self.model_path, "--ctx-size", "8192",
+        return [str(llama_server.binary_path()), "--model", self.model.path, "--ctx-size", "8192",
                 "--threads", str(self.threads), "--threads-batch", str(self.threads), "--parallel", "1",
                 "--no-ui", "--host", "127.0.0.1", "--port", str(self.port)]
 

@@ -3,7 +3,8 @@
 Loads the model once, with the `Llama` arguments an Edison worker would use for the given
 [model] settings (`edison.engine.llama_options`), prints `ready`, then answers one JSON line
 per JSON line on stdin: `{"prompt": str, "max_tokens": int, "options": {...}}` ->
-`{"token_at": [...], "elapsed": s, "prompt_tokens": n, "text": str}` (seconds from the call), or `{"tokenize": str}` -> `{"tokens": n}`.
+`{"token_at": [...], "elapsed": s, "text": str}` (seconds from the call), or
+`{"tokenize": str}` -> `{"tokens": n}`.
 
     python -m benchmarks.baselines.inprocess --model PATH --threads 2 --settings '{"n_ubatch": 256}'
 """
@@ -29,9 +30,7 @@ def run(llm: llama_cpp.Llama, request: dict) -> dict:
     for chunk in llm(request["prompt"], stream=True, max_tokens=request["max_tokens"], **request.get("options", {})):
         token_at.append(time.monotonic() - start)
         parts.append(chunk["choices"][0]["text"])
-    elapsed = time.monotonic() - start
-    prompt_tokens = len(llm.tokenize(request["prompt"].encode("utf-8"), add_bos=True))
-    return {"token_at": token_at, "elapsed": elapsed, "prompt_tokens": prompt_tokens, "text": "".join(parts)}
+    return {"token_at": token_at, "elapsed": time.monotonic() - start, "text": "".join(parts)}
 
 
 def main() -> None:
