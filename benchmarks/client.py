@@ -1,5 +1,5 @@
-"""Client-side instruments, shared by every system: an SSE stream over a bare socket and a
-CPU-time probe.
+"""Client-side instruments, shared by every system and by the tests (tests/support.py): an SSE
+stream over a bare socket, a CPU-time probe, and the process helpers (free port, kill by pid).
 
 The stream is read on its own thread over a plain socket (not httpx) so that a benchmark
 can hang up at any moment, including while the server is silent inside a long prefill:
@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -315,6 +316,28 @@ def _quiet_from(samples: list[tuple[float, float | None, int]], i: int, window: 
         if t_j >= t_i + window:
             return True
     return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL a process this run started (or its service spawned), unless already gone."""
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            os.kill(pid, signal.SIGKILL)
+    except (psutil.Error, ProcessLookupError):
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

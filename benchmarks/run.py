@@ -224,7 +224,6 @@ class Run:
             for system, how, count in queue:
                 if round_ < count:
                     self._stop_trial(system, phase, how, round_, count)
-        self._merge_tiers(systems)
 
     def _stop_trial(self, system: System, phase: str, how: str, round_: int, count: int) -> None:
         p = self.plan
@@ -244,14 +243,6 @@ class Run:
             # Still computing: a restart is the only way to get it back before its prefill ends
             # (and to keep it from slowing down what is measured next).
             system.restart()
-
-    def _merge_tiers(self, systems: list[System]) -> None:
-        for system in systems:
-            if isinstance(system, Edison):
-                tiers = scenarios.edison_tiers(system)
-                for record in self.trials["stop"]:
-                    if record.get("request_id") in tiers:
-                        record.update(tiers[record["request_id"]])
 
     def recovery(self, systems: list[System]) -> None:
         p = self.plan

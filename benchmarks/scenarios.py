@@ -50,6 +50,7 @@ def stop_trial(
     Gives up `cap` seconds after the stop: the sample is then "at least cap" (`capped`)."""
     message = counting(rng) if phase == "decode" else long_message(rng)
     record: dict[str, Any] = {"system": system.label, "phase": phase, "how": how}
+    tiers_before = edison_tier_counts(system) if isinstance(system, Edison) else {}
     stream = system.open(message)
     try:
         pid = system.compute_pid(stream)
@@ -83,6 +84,7 @@ def stop_trial(
         stream.close()
     if isinstance(system, Edison):
         record["worker_killed"] = not _alive(record["pid"])
+        record["tier"] = stop_tier(system, record, tiers_before)
     return record
 
 
@@ -112,14 +114,29 @@ def recovery_trial(system: System, rng: random.Random, delay: tuple[float, float
     return record
 
 
-def edison_tiers(system: Edison) -> dict[str, dict[str, Any]]:
-    """request id -> how the pool says it stopped (tier, and its own cancel -> stop in ms), from the log."""
-    pattern = re.compile(r"Request (\S+) stopped by worker pid \d+ \((\w+)\) ([\d.]+) ms after the cancel")
-    found: dict[str, dict[str, Any]] = {}
-    for log in system.workdir.glob(f"{system.name}-*.log"):
-        for match in pattern.finditer(log.read_text(errors="replace")):
-            found[match.group(1)] = {"tier": match.group(2), "pool_ms": float(match.group(3))}
-    return found
+def edison_tier_counts(system: Edison) -> dict[str, float]:
+    """`edison_cancel_tier_total` by tier, from /metrics: which tier ended a stop whose client
+    left (a disconnect gets no `done` to carry `stopped_by`)."""
+    status, text = http_json(system.port, "GET", "/metrics")
+    counts: dict[str, float] = {}
+    for match in re.finditer(r'^edison_cancel_tier_total\{tier="(\w+)"\} ([\d.e+]+)$', str(text), re.M):
+        counts[match.group(1)] = float(match.group(2))
+    return counts
+
+
+def stop_tier(system: System, record: dict[str, Any], before: dict[str, float]) -> str | None:
+    """The tier that ended this stop: `stopped_by` of its `done`, else the /metrics counter that moved."""
+    if record.get("done", {}).get("stopped_by"):
+        return record["done"]["stopped_by"]
+    if not isinstance(system, Edison):
+        return None
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        moved = [t for t, n in edison_tier_counts(system).items() if n > before.get(t, 0.0)]
+        if moved:
+            return moved[0]
+        time.sleep(0.02)
+    return None
 
 
 def wedge_trial(system: Edison, kind: str, rng: random.Random) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any, ClassVar
 import psutil
 
 from benchmarks import llama_server
-from benchmarks.client import Event, SSEStream, wait_until
+from benchmarks.client import Event, SSEStream, free_port, kill_pid, wait_until
 from benchmarks.workload import LONG_REPLY, REPLY_LENGTHS, SAMPLING, STOPS, transcript
 from edison.settings import ModelSettings
 
@@ -43,12 +42,6 @@ _DIE_WITH_PARENT = (
     "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
     "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
@@ -64,15 +57,6 @@ def http_json(port: int, method: str, path: str, body: Any = None, timeout: floa
             return response.status, raw.decode(errors="replace")
     finally:
         conn.close()
-
-
-def kill_pid(pid: int) -> None:
-    """SIGKILL a process this benchmark started (or its service spawned), unless already gone."""
-    try:
-        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            os.kill(pid, signal.SIGKILL)
-    except (psutil.Error, ProcessLookupError):
-        pass
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -201,16 +185,19 @@ class System:
 class Edison(System):
     name = "edison"
 
-    def __init__(self, model: ModelSettings, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16) -> None:
+    def __init__(
+        self, model: ModelSettings, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16, slots: int = 4
+    ) -> None:
         super().__init__(model, threads, workdir)
         self.workers = workers
+        self.slots = slots
         self.queue_size = queue_size
-        self.config_path = workdir / f"edison-{workers}w-{threads}t.toml"
+        self.config_path = workdir / f"edison-{workers}w-{threads}t-{slots}s.toml"
         self.worker_pids: set[int] = set()
 
     @property
     def label(self) -> str:
-        return f"edison ({self.workers}x{self.threads})"
+        return f"edison ({self.workers}x{self.threads}, {self.slots} slots)"
 
     def config(self) -> str:
         modes = "".join(
@@ -223,7 +210,8 @@ class Edison(System):
             f'default_mode = "n{LONG_REPLY}"\n'
             '[server]\nhost = "127.0.0.1"\nlog_level = "info"\n'
             "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
-            + f"[pool]\nworkers = {self.workers}\nqueue_size = {self.queue_size}\ncancel_deadline_s = 1.0\n"
+            + f"[pool]\nworkers = {self.workers}\nslots = {self.slots}\nqueue_size = {self.queue_size}\n"
+            "cancel_deadline_s = 1.0\n"
             "kill_grace_s = 0.2\nprefill_chunk = 512\n"
             "[debug]\nallow_wedge = true\n" + modes
         )
@@ -266,7 +254,8 @@ class Edison(System):
         found: list[int] = []
 
         def running() -> bool:
-            found[:] = [w["pid"] for w in self.health(verbose=True)["worker_details"] if w["request_id"] == request_id]
+            details = self.health(verbose=True)["worker_details"]
+            found[:] = [w["pid"] for w in details if request_id in w["request_ids"]]
             return bool(found)
 
         if not wait_until(running, timeout=30, interval=0.01):
@@ -276,14 +265,14 @@ class Edison(System):
     def processes(self) -> dict[str, int]:
         assert self.process
         details = self.health(verbose=True)["worker_details"]
-        return {"web": self._server_pid(), **{f"worker {w['slot']}": w["pid"] for w in details}}
+        return {"web": self._server_pid(), **{f"worker {w['index']}": w["pid"] for w in details}}
 
     def _server_pid(self) -> int:
         assert self.process
         return self.process.pid  # the shim exec()s, so the Popen pid is the server itself
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "workers": self.workers, "config": self.config()}
+        return {**super().describe(), "workers": self.workers, "slots": self.slots, "config": self.config()}
 
 
 class Seed(System):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -26,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.workload import COUNTING, SAMPLING, STOPS, long_message, nonce, transcript
-from edison.engine import Engine
-from edison.messages import Cancelled, Done, Failed, Job, Sampling, Token
+from edison.protocol import Cancelled, Done, Failed, Job, Token
+from edison.settings import Sampling
+from edison.worker.engine import Engine
 from edison.model import resolve_model_path
 from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
@@ -48,10 +50,11 @@ class Bench:
     """One candidate's engine and its cancel flag (a job id: "cancel every job <= this")."""
 
     def __init__(self, model_path: str, threads: int, overrides: dict[str, Any]) -> None:
-        fixed = {"model.path": model_path, "model.n_ctx": 8192, "model.threads": threads, "pool.workers": 1}
+        fixed = {"model.path": model_path, "model.n_ctx": 8192, "model.threads": threads, "pool.workers": 1,
+                 "pool.slots": 1}
         self.settings = load_settings(DEFAULT_CONFIG, **{**overrides, **fixed})
-        self.cancel_upto = 0
-        self.engine = Engine(model_path, self.settings, lambda job_id: self.cancel_upto >= job_id)
+        self.flags = multiprocessing.RawArray("q", 1)  # the pool's cancel flag for the one slot
+        self.engine = Engine(model_path, self.settings, self.flags, 0)
         self.job_id = 0
 
     def job(self, prompt: str, max_tokens: int) -> Job:
@@ -89,7 +92,7 @@ class Bench:
 
         def cancel() -> None:
             flagged.append(time.monotonic())
-            self.cancel_upto = job.job_id
+            self.flags[0] = job.job_id
 
         timer = threading.Timer(delay, cancel)
         timer.start()
@@ -98,7 +101,7 @@ class Bench:
         timer.join()
         if not isinstance(closing, Cancelled):
             return {"abort_ms": None, "note": "finished before the cancel"}
-        return {"abort_ms": (ended - flagged[0]) * 1000, "tier": closing.tier, "at": delay / prefill_s}
+        return {"abort_ms": (ended - flagged[0]) * 1000, "tier": closing.tier.value, "at": delay / prefill_s}
 
     def _run(self, job: Job, on_token: Any = None) -> object:
         closing: list[object] = []
@@ -110,11 +113,14 @@ class Bench:
             elif isinstance(message, (Done, Cancelled, Failed)):
                 closing.append(message)
 
-        self.engine.run(job, emit)
+        self.engine.add(job, emit)
+        while not self.engine.idle:
+            self.engine.step(emit)
         return closing[0]
 
     def close(self) -> None:
-        self.engine.llm.close()
+        self.engine.ctx.close()
+        self.engine.model.close()
 
 
 def measure(model_path: str, threads: int, names: list[str], rounds: int, aborts: int, seed: int) -> list[dict[str, Any]]:

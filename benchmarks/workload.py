@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from edison.prompt import TRANSCRIPT_STOPS, render_transcript
+from edison.worker.prompt import TRANSCRIPT_STOPS, render_transcript
 
 # Greedy, so every system computes the same tokens; the other knobs are Edison's defaults.
 SAMPLING = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0, "seed": 1}

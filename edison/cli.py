@@ -58,9 +58,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def serve(settings: Settings, notifier: Notifier) -> int:
-    from edison.app import create_app
-    from edison.auth import exposure_warning
-    from edison.metrics import Metrics
+    from edison.http.app import create_app
+    from edison.http.auth import exposure_warning
+    from edison.http.metrics import Metrics
     from edison.model import resolve_model_path
     from edison.pool import Pool
 
@@ -69,7 +69,11 @@ def serve(settings: Settings, notifier: Notifier) -> int:
     except (OSError, ValueError) as exc:
         logger.error("Cannot use the model: %s", exc)
         return 2
-    logger.info("Model: %s; %d workers x %d threads", model_path, settings.pool.workers, settings.threads)
+    pool_settings = settings.pool
+    logger.info(
+        "Model: %s; %d workers x %d threads x %d slots",
+        model_path, pool_settings.workers, settings.threads, pool_settings.slots,
+    )
     warning = exposure_warning(settings.server.host, settings.server.api_key)
     if warning:
         logger.warning(warning)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A checkout's config.toml; an installed wheel has none and runs on the defaults below.
 DEFAULT_CONFIG = REPO_ROOT / "config.toml"
 
 
@@ -54,13 +55,18 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    workers: int = 2
-    queue_size: int = 16  # requests that wait for a worker; one more gets a 503
+    workers: int = 1
+    slots: int = 4  # sequences one worker decodes together, from one copy of the model
+    queue_size: int = 16  # requests that wait for a free slot; one more gets a 503
     cancel_deadline_s: float = 1.0  # a worker that has not acknowledged a cancel by then is killed
-    kill_grace_s: float = 0.2  # between SIGTERM and SIGKILL
+    kill_grace_s: float = 0.2  # at shutdown, beyond cancel_deadline_s, before a lingering worker is SIGKILLed
     prefill_chunk: int = 512  # prompt tokens per step between cancel checks and progress events
-    restart_budget: int = 5  # consecutive start failures before a worker slot gives up
-    restart_backoff_s: float = 0.5  # first respawn delay after a failed start; doubles, capped at 30 s
+    # A busy worker silent this long is killed and its requests resumed; far above one step
+    # (a 512-token chunk takes ~1.2 s on one slow core), far below a client's patience.
+    stall_timeout_s: float = 30.0
+    restart_budget: int = 5  # failed starts (or crashes within crash_window_s) before a worker gives up
+    restart_backoff_s: float = 0.5  # first respawn delay after a failure; doubles, capped at 30 s
+    crash_window_s: float = 60.0  # crashes of a ready worker counted over this sliding window
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,10 @@ class DebugSettings:
 
 
 @dataclass(frozen=True)
-class ModeSettings:
-    description: str = ""
-    system_prompt: str = ""
+class Sampling:
+    """How a reply is sampled: a mode's settings, as they travel to the worker with each job.
+    The one place their defaults live."""
+
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
@@ -85,6 +92,17 @@ class ModeSettings:
     max_tokens: int = 512
     seed: int = -1  # -1: a fresh seed per request
     stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    """A `[modes.NAME]` table: its sampling keys sit beside these two in the TOML."""
+
+    description: str = "Friendly conversation"
+    system_prompt: str = (
+        "You are Edison, a helpful assistant running on the user's own machine. Answer clearly and briefly."
+    )
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.threads_batch": (lambda v: v >= 0, "0 (auto) or more"),
     "model.prompt_format": (lambda v: v in ("auto", "template", "transcript"), "auto, template or transcript"),
     "pool.workers": (lambda v: 1 <= v <= 64, "1-64"),
+    "pool.slots": (lambda v: 1 <= v <= 64, "1-64"),
+    "pool.stall_timeout_s": (lambda v: v > 0, "more than 0"),
+    "pool.crash_window_s": (lambda v: v > 0, "more than 0"),
     "pool.queue_size": (lambda v: v >= 0, "0 or more"),
     "pool.cancel_deadline_s": (lambda v: 0 < v <= 60, "more than 0 and at most 60"),
     "pool.kill_grace_s": (lambda v: 0 <= v <= 10, "0-10"),
@@ -149,7 +170,7 @@ def _build(cls: type, table: Any, prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(names))})")
         values[key] = _coerce(name, hints[key], value)
-        check = _CHECKS.get(key if cls is ModeSettings else name)
+        check = _CHECKS.get(key if cls is Sampling else name)
         if check and not check[0](values[key]):
             shown = "the value" if key in secret else repr(value)
             raise ConfigError(f"{name}: {shown} is not valid; expected {check[1]}")
@@ -175,6 +196,15 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     return value
 
 
+def _mode(table: Any, prefix: str) -> ModeSettings:
+    """A mode's own keys and its sampling keys come flat in one table."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table")
+    own = {k: v for k, v in table.items() if k in ("description", "system_prompt")}
+    sampling = _build(Sampling, {k: v for k, v in table.items() if k not in own}, prefix)
+    return dataclasses.replace(_build(ModeSettings, own, prefix), sampling=sampling)
+
+
 def settings_from_dict(data: dict[str, Any]) -> Settings:
     sections = {"server": ServerSettings, "model": ModelSettings, "pool": PoolSettings, "debug": DebugSettings}
     known = set(sections) | {"modes", "default_mode"}
@@ -185,7 +215,7 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
     modes_table = data.get("modes", {"chat": {}})
     if not isinstance(modes_table, dict) or not modes_table:
         raise ConfigError("modes: define at least one [modes.NAME] table")
-    modes = {name: _build(ModeSettings, table, f"modes.{name}") for name, table in modes_table.items()}
+    modes = {name: _mode(table, f"modes.{name}") for name, table in modes_table.items()}
     default_mode = data.get("default_mode", "chat")
     if default_mode not in modes:
         raise ConfigError(f"default_mode: {default_mode!r} is not a configured mode ({', '.join(modes)})")
@@ -195,15 +225,22 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
 def load_settings(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Settings:
     """Read a TOML file; `overrides` are dotted keys ("pool.workers") from the command line."""
     path = Path(path)
+    if path == DEFAULT_CONFIG and not path.exists():
+        data: dict[str, Any] = {}  # an installed wheel: no checkout, so the built-in defaults
+        return settings_from_dict(_apply(data, overrides))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return settings_from_dict(_apply(data, overrides))
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         data.setdefault(section, {})[key] = value
-    return settings_from_dict(data)
+    return data

@@ -20,6 +20,10 @@ from typing import Any
 import httpx
 import psutil
 
+from benchmarks.client import alive, free_port, kill_pid, wait_until  # shared with the benchmarks
+
+__all__ = ["alive", "free_port", "kill_pid", "wait_until"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 # "Count from 1 to 1000" makes the bundled base model count for as long as it is allowed:
@@ -37,7 +41,7 @@ def long_prompt(tokens: int = 6000) -> str:
 BASE_CONFIG: dict[str, Any] = {
     "server": {"host": "127.0.0.1", "log_level": "info", "max_body_bytes": 200_000},
     "model": {"n_ctx": 8192},
-    "pool": {"workers": 2, "queue_size": 4, "cancel_deadline_s": 1.0, "prefill_chunk": 512},
+    "pool": {"workers": 2, "slots": 2, "queue_size": 4, "cancel_deadline_s": 1.0, "prefill_chunk": 512},
     "debug": {"allow_wedge": True},
     "modes": {
         "chat": {"description": "greedy chat", "system_prompt": "You are a helpful assistant.", "temperature": 0.0,
@@ -74,12 +78,6 @@ def write_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None)
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -142,7 +140,7 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for w in self.health(verbose=True)["worker_details"]:
-                if w["request_id"] == request_id:
+                if request_id in w["request_ids"]:
                     self.known_pids.add(w["pid"])
                     return w["pid"]
             time.sleep(0.02)
@@ -168,23 +166,6 @@ class Service:
             kill_pid(pid)
         if hasattr(self, "_log"):
             self._log.close()
-
-
-def kill_pid(pid: int) -> None:
-    try:
-        p = psutil.Process(pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return
-        os.kill(pid, signal.SIGKILL)
-    except (psutil.Error, ProcessLookupError):
-        pass
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 # SSE.

@@ -3,6 +3,8 @@ no harm to a request that is streaming at the same time."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -82,10 +84,125 @@ def test_prompt_longer_than_the_context_is_a_done_error_with_both_counts(service
     assert chat(service.url, "Say hello.")[-1].data["ok"] is True  # the worker is fine
 
 
+# Malformed at the JSON level: every endpoint that reads a body refuses each with a 400.
+BODY_ENDPOINTS = ("/chat/stream", "/chat/cancel", "/v1/chat/completions", "/v1/completions")
+BAD_JSON = [
+    (b"[" * 100_000, "nested"),
+    (b'{"a": ' * 200 + b"1" + b"}" * 200, "nested"),
+    (b'{"message": NaN}', "NaN"),
+    (b'{"message": Infinity}', "Infinity"),
+    (b'{"message": -Infinity}', "Infinity"),
+    (b'{"message": 1e999}', "too large"),
+    (b'{"message": "a", "message": "b"}', "more than once"),
+    (b'{"message": "\xff\xfe"}', "not valid JSON"),
+    (b'{"message": "\\ud800"}', "lone surrogate"),
+    (b'{"message": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b'{"message": "hi"} trailing', "not valid JSON"),
+    (b"\xef\xbb\xbf{}", "not valid JSON"),
+    (b'{"\\udfff": 1}', "lone surrogate"),
+]
+
+# Wrong at some level of a valid JSON body, per endpoint: (path, body, status, words in the message).
+BAD_FIELDS = [
+    ("/chat/stream", {"message": None}, 400, "'message'"),
+    ("/chat/stream", {"message": ["hi"]}, 400, "'message'"),
+    ("/chat/stream", {"message": "hi", "mode": None}, 400, "'mode'"),
+    ("/chat/stream", {"message": "hi", "history": None}, 400, "'history'"),
+    ("/chat/stream", {"message": "hi", "history": [["user", "x"]]}, 400, "history[0]"),
+    ("/chat/stream", {"message": "hi", "history": [{"role": "user", "content": "x", "name": "y"}]}, 400, "history[0]"),
+    ("/chat/stream", {"message": "hi", "history": [{"role": None, "content": "x"}]}, 400, "history[0].role"),
+    ("/chat/stream", {"message": "hi", "history": [{"role": "user", "content": {"t": 1}}]}, 400, "history[0].content"),
+    ("/chat/stream", {"message": "hi", "history": [{"role": "user", "content": "ok"}, 5]}, 400, "history[1]"),
+    ("/chat/stream", {"message": "hi", "history": [{"role": "user", "content": "\ud800"}]}, 400, "history[0].content"),
+    ("/chat/stream", {"message": "hi", "debug_wedge_s": 1}, 400, "unknown field(s): debug_wedge_s"),
+    ("/chat/cancel", {"request_id": None}, 400, "'request_id'"),
+    ("/chat/cancel", {"request_id": ["x"]}, 400, "'request_id'"),
+    ("/chat/cancel", {"request_id": "x", "other": 1}, 400, "unknown field(s): other"),
+    ("/v1/chat/completions", {"model": "edison"}, 400, "'messages' is required"),
+    ("/v1/chat/completions", {"model": "edison", "messages": []}, 400, "'messages' is required"),
+    ("/v1/chat/completions", {"model": "edison", "messages": "hi"}, 400, "'messages' is required"),
+    ("/v1/chat/completions", {"model": "edison", "messages": ["hi"]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": 3, "content": "x"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages[0].content[0]"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+     400, "messages[0].content[0]"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x", "x": 1}]},
+     400, "unsupported field"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "\ud800"}]},
+     400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "'model'"),
+    ("/v1/chat/completions", {"model": 5, "messages": [{"role": "user", "content": "x"}]}, 400, "'model'"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"},
+     400, "'max_tokens'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "max_tokens": True},
+     400, "'max_tokens'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+     400, "'temperature'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+     400, "'temperature'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "top_p": -1},
+     400, "'top_p'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "stop": 5},
+     400, "'stop'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "stop": list("abcde")},
+     400, "'stop'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+     400, "'stream'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "seed": -5},
+     400, "'seed'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "'n'"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}],
+                              "stream_options": {"include_usage": "x"}}, 400, "include_usage"),
+    ("/v1/chat/completions", {"model": "edison", "messages": [{"role": "user", "content": "x"}], "bogus": 1},
+     400, "bogus"),
+    ("/v1/completions", {"model": "edison"}, 400, "'prompt'"),
+    ("/v1/completions", {"model": "edison", "prompt": 5}, 400, "'prompt'"),
+    ("/v1/completions", {"model": "edison", "prompt": [1, 2, 3]}, 400, "token-id"),
+    ("/v1/completions", {"model": "edison", "prompt": ["a", "b"]}, 400, "'prompt'"),
+    ("/v1/completions", {"model": "edison", "prompt": "x", "echo": True}, 400, "'echo'"),
+    ("/v1/completions", {"model": "edison", "prompt": "x", "suffix": "y"}, 400, "'suffix'"),
+    ("/v1/completions", {"model": "edison", "prompt": "x", "best_of": 2}, 400, "'best_of'"),
+    ("/v1/completions", {"model": "edison", "prompt": "x", "max_tokens": 0}, 400, "'max_tokens'"),
+    ("/v1/completions", {"model": "edison", "prompt": "\ud800"}, 400, "'prompt'"),
+]
+
+
+def error_message(response: httpx.Response, path: str) -> str:
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    return error["message"] if path.startswith("/v1/") else error
+
+
+@pytest.mark.parametrize("path", BODY_ENDPOINTS)
+@pytest.mark.parametrize(("body", "words"), BAD_JSON, ids=range(len(BAD_JSON)))
+def test_malformed_json_is_a_400_on_every_endpoint(service: Service, path: str, body: bytes, words: str) -> None:
+    response = httpx.post(f"{service.url}{path}", content=body, headers=JSON, timeout=30)
+    assert response.status_code == 400, response.text
+    assert words in error_message(response, path)
+
+
+@pytest.mark.parametrize(("path", "body", "status", "words"), BAD_FIELDS, ids=range(len(BAD_FIELDS)))
+def test_wrong_field_at_any_level_is_a_clear_4xx(service: Service, path: str, body: dict, status: int, words: str) -> None:
+    raw = json.dumps(body).encode()  # json.dumps keeps a lone surrogate as its \ud800 escape
+    response = httpx.post(f"{service.url}{path}", content=raw, headers=JSON, timeout=30)
+    assert response.status_code == status, response.text
+    assert words in error_message(response, path)
+
+
 def test_bad_requests_do_not_harm_a_running_stream(service: Service) -> None:
     solo = chat(service.url, COUNTING, mode="brief")[-1].data["response"]
     stream = Stream(service.url, {"message": COUNTING, "mode": "brief"})
     for body, headers, _, _ in BAD_STREAM_BODIES:
         httpx.post(f"{service.url}/chat/stream", content=body, headers=headers)
+    for path in BODY_ENDPOINTS:
+        for body, _ in BAD_JSON:
+            httpx.post(f"{service.url}{path}", content=body, headers=JSON, timeout=30)
+    for path, fields, _, _ in BAD_FIELDS:
+        httpx.post(f"{service.url}{path}", content=json.dumps(fields).encode(), headers=JSON, timeout=30)
     done = stream.done.data
     assert done["ok"] is True and done["response"] == solo
+    assert "Traceback" not in service.log()

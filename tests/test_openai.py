@@ -37,7 +37,7 @@ def client(service: Service, **kw: Any) -> openai.OpenAI:
 def solo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """One worker and no queue: the next request can only run on the worker a test watched."""
     root = tmp_path_factory.mktemp("solo")
-    svc = Service(write_config(root / "config.toml", {"pool": {"workers": 1, "queue_size": 0}}), root / "service.log")
+    svc = Service(write_config(root / "config.toml", {"pool": {"workers": 1, "slots": 1, "queue_size": 0}}), root / "service.log")
     try:
         svc.start()
         yield svc

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from edison.auth import exposure_warning
+from edison.http.auth import exposure_warning
 from edison.settings import REPO_ROOT, ConfigError, settings_from_dict
 from tests.support import Service, parse_sse
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edison.prompt import PromptFormat, StopFilter, render_transcript
+from edison.worker.prompt import PromptFormat, StopFilter, render_transcript
 
 
 def test_transcript_for_a_model_without_a_chat_template() -> None:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_full_queue_answers_503_and_cancelled_queued_request_leaves(make_service: Callable[..., Service]) -> None:
-    svc = make_service({"pool": {"workers": 1, "queue_size": 2}})
+    svc = make_service({"pool": {"workers": 1, "slots": 1, "queue_size": 2}})
     running = Stream(svc.url, {"message": COUNTING, "mode": "long"})
     running.wait_for("token")
     first = Stream(svc.url, {"message": "Hello"})
@@ -30,7 +30,7 @@ def test_full_queue_answers_503_and_cancelled_queued_request_leaves(make_service
     cancelled_at = time.monotonic()
     assert svc.cancel(first.request_id)["status"] == "cancelled"
     done = first.done
-    assert done.data == {"ok": False, "stopped": True, "response": "", "mode_used": "chat"}
+    assert done.data == {"ok": False, "stopped": True, "response": "", "mode_used": "chat", "stopped_by": "queued"}
     assert done.at - cancelled_at < 1.0
     assert second.wait_for("queued", count=2).data == {"position": 1}  # moved up
     health = svc.health(verbose=True)
@@ -47,7 +47,7 @@ def test_full_queue_answers_503_and_cancelled_queued_request_leaves(make_service
 
 
 def test_queued_request_whose_client_leaves_is_dropped(make_service: Callable[..., Service]) -> None:
-    svc = make_service({"pool": {"workers": 1, "queue_size": 2}})
+    svc = make_service({"pool": {"workers": 1, "slots": 1, "queue_size": 2}})
     running = Stream(svc.url, {"message": COUNTING, "mode": "long"})
     running.wait_for("token")
     waiting = RawStream(svc.port, {"message": "Hello"})

@@ -1,7 +1,7 @@
 """llama-cpp-python called in-process: no HTTP, no pool, no pipe. The throughput reference.
 
 Loads the model once, with the `Llama` arguments an Edison worker would use for the given
-[model] settings (`edison.engine.llama_options`), prints `ready`, then answers one JSON line
+[model] settings (`edison.worker.engine.llama_options`), prints `ready`, then answers one JSON line
 per JSON line on stdin: `{"prompt": str, "max_tokens": int, "options": {...}}` ->
 `{"token_at": [...], "elapsed": s, "text": str}` (seconds from the call), or
 `{"tokenize": str}` -> `{"tokens": n}`.
@@ -18,7 +18,7 @@ import time
 
 import llama_cpp
 
-from edison.engine import llama_options
+from edison.worker.engine import llama_options
 from edison.settings import ModelSettings
 
 

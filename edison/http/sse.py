@@ -18,8 +18,15 @@ from starlette.types import Receive, Scope, Send
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+def frame(data: Any, event: str | None = None) -> bytes:
+    """One SSE event: named (Edison's own stream) or data-only (OpenAI's), JSON data."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def comment(text: str) -> bytes:
+    """An SSE comment: clients skip it; it keeps a proxy from timing out a silent stream."""
+    return f": {text}\n\n".encode()
 
 
 async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:

@@ -13,78 +13,39 @@ the worker to stop computing an answer nobody will read.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive
 
-from edison.app import disconnect_cancels
-from edison.messages import Done, Progress, Token, Usage
-from edison.openai_validation import (
-    MODEL_PREFIX,
-    ApiError,
-    Completion,
-    model_ids,
-    parse_chat_completion,
-    parse_completion,
-)
-from edison.pool import FINAL, Event, Failure, Pool, Queued, QueueFull, ShuttingDown, Stopped, Unavailable
+from edison.http.errors import CLIENT_GONE, ApiError, answering, from_failure
+from edison.http.jobs import disconnect_cancels, events, final_event
+from edison.http.openai_validation import MODEL_PREFIX, Completion, model_ids, parse_chat_completion, parse_completion
+from edison.http.sse import EventStream, comment, frame
+from edison.http.validation import read_json_object
+from edison.pool import Completed, Event, Failure, Pool, Queued, Stopped
 from edison.pool import Request as PoolRequest
+from edison.protocol import Progress, Token, Usage
 from edison.settings import Settings
-from edison.sse import EventStream, watch_disconnect
-from edison.validation import BadRequest, read_json_object
 
 logger = logging.getLogger("edison")
 
 CANCELLED = "cancelled"  # finish_reason of a request stopped by POST /chat/cancel
-# The engine's PromptTooLong text (engine.py). A too-long prompt is the client's to fix: 400,
-# with OpenAI's code for it, instead of a 500 that the SDK would retry twice.
-PROMPT_TOO_LONG = "the prompt is "
-
-Handler = Callable[[Request, str], Awaitable[Response]]
 
 
 def openai_routes() -> list[Route]:
     return [
-        Route("/v1/models", _answering(list_models), methods=["GET"]),
-        Route("/v1/models/{model:path}", _answering(get_model), methods=["GET"]),
-        Route("/v1/chat/completions", _answering(chat_completions), methods=["POST"]),
-        Route("/v1/completions", _answering(completions), methods=["POST"]),
+        Route("/v1/models", answering(list_models, openai=True), methods=["GET"]),
+        Route("/v1/models/{model:path}", answering(get_model, openai=True), methods=["GET"]),
+        Route("/v1/chat/completions", answering(chat_completions, openai=True), methods=["POST"]),
+        Route("/v1/completions", answering(completions, openai=True), methods=["POST"]),
     ]
-
-
-def _answering(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Gives each request its id and answers every error in OpenAI's shape, with the id."""
-
-    async def endpoint(request: Request) -> Response:
-        request_id = str(uuid.uuid4())
-        try:
-            response = await handler(request, request_id)
-        except ApiError as exc:
-            response = JSONResponse(exc.body(), status_code=exc.status)
-        except ClientDisconnect:  # gone while sending its body: nobody to answer
-            return Response(status_code=499)
-        except BadRequest as exc:  # from read_json_object: 413, 415, bad JSON
-            code = "request_too_large" if exc.status == 413 else None
-            response = JSONResponse(ApiError(exc.message, exc.status, code=code).body(), status_code=exc.status)
-        except Exception:
-            logger.exception("Unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
-            error = ApiError("internal server error; see the server log", 500, kind="server_error")
-            response = JSONResponse(error.body(), status_code=500)
-        response.headers.setdefault("X-Request-ID", request_id)
-        return response
-
-    return endpoint
 
 
 # Models.
@@ -131,57 +92,22 @@ async def _complete(
     settings: Settings = request.state.settings
     data = await read_json_object(request, settings.server.max_body_bytes)
     parsed = parse(data, model_ids(os.path.basename(pool.model_path)), settings)
-    try:
-        job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt)
-    except Unavailable as exc:  # queue full, shutting down, or no worker could start
-        code = {QueueFull: "queue_full", ShuttingDown: "shutting_down"}.get(type(exc), "unavailable")
-        raise ApiError(str(exc), 503, code=code, kind="server_error") from None
+    job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt)
     shape = Shape(request_id, int(time.time()), parsed.model, chat=parsed.messages is not None)
     logger.info(
         "OpenAI %s request %s (mode %s, %s)",
         "chat" if shape.chat else "text", request_id, parsed.mode, "streaming" if parsed.stream else "whole",
     )
     on_disconnect = disconnect_cancels(pool, request_id)
+    headers = {"X-Request-ID": request_id}
     if parsed.stream:
-        return EventStream(  # type: ignore[return-value]
-            stream_chunks(job, shape, parsed.include_usage),
-            on_disconnect=on_disconnect,
-            headers={"X-Request-ID": request_id},
-        )
+        return EventStream(stream_chunks(job, shape, parsed.include_usage), on_disconnect, headers)  # type: ignore[return-value]
     final = await final_event(job, request.receive, on_disconnect)
     if final is None:
-        return Response(status_code=499)  # the client is gone: this is never sent
+        return Response(status_code=CLIENT_GONE)  # the client is gone: this is never sent
     if isinstance(final, Failure):
-        raise failure_error(final, shape.chat)
-    return JSONResponse(shape.body(final))
-
-
-async def final_event(job: PoolRequest, receive: Receive, on_disconnect: Callable[[], None]) -> Event | None:
-    """The job's final event, or None if the client went away first (then `on_disconnect` ran)."""
-    final: Event | None = None
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            await watch_disconnect(receive, on_disconnect)
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        final = await _next_final(job)
-        group.cancel_scope.cancel()
-    return final
-
-
-async def _next_final(job: PoolRequest) -> Event:
-    while True:
-        event = await job.events.get()
-        if isinstance(event, FINAL):
-            return event
-
-
-def failure_error(failure: Failure, chat: bool) -> ApiError:
-    if failure.error.startswith(PROMPT_TOO_LONG):
-        return ApiError(failure.error, 400, "messages" if chat else "prompt", "context_length_exceeded")
-    return ApiError(failure.error, 500, kind="server_error")
+        raise from_failure(final, "messages" if shape.chat else "prompt")
+    return JSONResponse(shape.body(final), headers=headers)
 
 
 async def stream_chunks(job: PoolRequest, shape: Shape, include_usage: bool) -> AsyncIterator[bytes]:
@@ -192,33 +118,26 @@ async def stream_chunks(job: PoolRequest, shape: Shape, include_usage: bool) -> 
     clients skip.
     """
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
-    yield data_line({**shape.chunk("", None, first=True), **extra})
-    while True:
-        event = await job.events.get()
+    yield frame({**shape.chunk("", None, first=True), **extra})
+    async for event in events(job):
         if isinstance(event, Token):
-            yield data_line({**shape.chunk(event.text, None), **extra})
+            yield frame({**shape.chunk(event.text, None), **extra})
         elif isinstance(event, Queued):
-            yield f": queued {event.position}\n\n".encode()
+            yield comment(f"queued {event.position}")
         elif isinstance(event, Progress):
-            yield f": {event.phase} {event.done}/{event.total}\n\n".encode()
+            yield comment(f"{event.phase} {event.done}/{event.total}")
         elif isinstance(event, Failure):
-            yield data_line(failure_error(event, shape.chat).body())
-            break
+            yield frame(from_failure(event, "messages" if shape.chat else "prompt").body(openai=True))
         else:
             reason, usage = outcome(event)
-            yield data_line({**shape.chunk(None, reason), **extra})
+            yield frame({**shape.chunk(None, reason), **extra})
             if include_usage:
-                yield data_line(shape.usage_chunk(usage))
-            break
+                yield frame(shape.usage_chunk(usage))
     yield b"data: [DONE]\n\n"
 
 
-def data_line(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
 def outcome(event: Event) -> tuple[str, Usage]:
-    if isinstance(event, Done):
+    if isinstance(event, Completed):
         return event.finish_reason, event.usage
     assert isinstance(event, Stopped)
     return CANCELLED, event.usage
@@ -260,7 +179,7 @@ class Shape:
 
     def body(self, final: Event) -> dict[str, Any]:
         reason, usage = outcome(final)
-        text = final.text  # type: ignore[union-attr]  # Done or Stopped
+        text = final.text  # type: ignore[union-attr]  # Completed or Stopped
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edison.app import sampling_for
-from edison.messages import Sampling
-from edison.settings import ModeSettings, Settings
+from edison.http.errors import ApiError
+from edison.http.jobs import with_system_prompt
+from edison.settings import ModeSettings, Sampling, Settings
 
 MODEL_PREFIX = "edison"  # "edison" is the default mode; "edison-<mode>" names a mode
 MAX_STOPS = 4  # OpenAI's own limit on `stop`
@@ -27,24 +27,6 @@ MAX_SEED = 2**32 - 2  # llama.cpp reads 2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick 
 # newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "function_call", "refusal")
-
-
-class ApiError(Exception):
-    """Answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
-
-    def __init__(
-        self,
-        message: str,
-        status: int = 400,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -122,9 +104,7 @@ def parse_chat_completion(data: dict[str, Any], names: tuple[str, ...], settings
     _check_fields(data, CHAT_FIELDS)
     mode_name = resolve_mode(data.get("model"), names, settings)
     mode = settings.modes[mode_name]
-    messages = parse_messages(data.get("messages"))
-    if mode.system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = ({"role": "system", "content": mode.system_prompt}, *messages)
+    messages = with_system_prompt(mode, parse_messages(data.get("messages")))
     limit = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
     return _completion(data, mode_name, mode, limit, messages=messages)
 
@@ -170,7 +150,7 @@ def _completion(data: dict[str, Any], mode_name: str, mode: ModeSettings, limit:
     include_usage = (data.get("stream_options") or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise ApiError("'stream_options.include_usage' must be a boolean", param="stream_options")
-    sampling = dataclasses.replace(sampling_for(mode), **overrides)
+    sampling = dataclasses.replace(mode.sampling, **overrides)
     return Completion(data["model"], mode_name, sampling, bool(stream), include_usage, **job)
 
 

@@ -1,23 +1,23 @@
-"""Reading and checking request bodies: every way a body can be wrong becomes a clear 4xx."""
+"""Reading and checking request bodies: every way a body can be wrong becomes a clear 4xx.
+
+`read_json_object` is the one door for every JSON body (both APIs): besides size and syntax it
+refuses what Python's json module would let through to do harm later: nesting deep enough to
+raise RecursionError, NaN and Infinity, duplicate keys (which value wins is ambiguous), and
+strings holding lone surrogates ("\ud800": valid JSON, but not encodable as UTF-8).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
+from edison.http.errors import BadRequest
+
 HISTORY_ROLES = ("user", "assistant", "system")
-
-
-class BadRequest(Exception):
-    """Answered as `{"error": message}` with `status`."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -32,13 +32,92 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         body += chunk
         if len(body) > max_bytes:
             raise BadRequest(f"request body is over the limit of {max_bytes} bytes", 413)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    data = parse_json(bytes(body))
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    check_text(data)
     return data
+
+
+MAX_DEPTH = 64  # far beyond any real chat body; far below Python's recursion limit
+
+
+def parse_json(body: bytes) -> Any:
+    depth = nesting_depth(body)
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"request body is nested {depth} levels deep; the limit is {MAX_DEPTH}")
+    try:
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
+    except BadRequest:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep the brackets go, outside strings: checked before json.loads recurses into them."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise BadRequest(f"request body has a number too large for a float: {text[:40]}")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise BadRequest(f"request body has the key {duplicate!r} more than once")
+    return data
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """Every string (and key) must be encodable as UTF-8; the error names the field."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            _encodable(item, where or "body")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _encodable(key, f"{where}.{key}" if where else key)
+                stack.append((child, f"{where}.{key}" if where else key))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+
+
+def _encodable(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{where}' contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
 
 
 def reject_unknown(data: dict[str, Any], known: tuple[str, ...]) -> None:

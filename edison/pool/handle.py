@@ -1,7 +1,8 @@
-"""The parent's handle on one worker: its process, its two one-way pipes and its reader thread.
+"""The parent's handle on one worker: its process, its two one-way pipes, its reader thread,
+and the per-worker record the pool keeps (state, which request runs in which slot).
 
 Mirrors `multiprocessing.Process` (start, terminate, kill, join, pid, exitcode). The pool
-owns the decisions; this class only owns the plumbing, where each of these was a real bug
+owns the decisions; this class owns the plumbing, where each of these was a real bug
 somewhere (gunicorn, pebble, billiard, loky, uvicorn):
 - the parent closes the child's pipe ends right after start(), or EOF never arrives;
 - pipe reads happen on a thread, never on the event loop (a half-written message would
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import multiprocessing
 import os
 import signal
@@ -21,53 +21,52 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from edison import worker
+from edison.worker.main import main as worker_main  # a spawn target only: it loads llama_cpp in the child
 
 if TYPE_CHECKING:
-    from edison.pool import Request
-
-logger = logging.getLogger("edison")
+    from edison.pool.request import Request
 
 
 class WorkerState(enum.Enum):
     STARTING = "starting"  # alive, model not loaded yet
-    IDLE = "idle"  # ready, no job
-    BUSY = "busy"  # ready, running a job
-    KILLING = "killing"  # missed a deadline; being terminated
+    READY = "ready"  # model loaded: takes jobs into its free slots
+    KILLING = "killing"  # missed a deadline or stalled; being terminated
 
 
-class WorkerProcess:
-    def __init__(self, slot: int, args: tuple[Any, ...]) -> None:
-        self.slot = slot
-        self.args = args  # for worker.main, after the pipes: (cancel_upto, slot, settings, model_path, parent_pid)
+class WorkerHandle:
+    def __init__(self, index: int, slots: int, args: tuple[Any, ...]) -> None:
+        self.index = index
+        self.args = args  # for worker.main, after the pipes
         self.state = WorkerState.STARTING
-        self.request: Request | None = None
+        self.slots: list[Request | None] = [None] * slots  # which request runs in which sequence slot
         self.was_ready = False
         self.started_at = 0.0
+        self.last_heard = 0.0  # time.monotonic() of its last message: the stall watchdog's clock
+        self.packages: tuple[str, ...] = ()  # top-level packages the worker had loaded when ready
         self.process: multiprocessing.process.BaseProcess | None = None
 
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_message: Callable[[WorkerProcess, object], None],
-        on_lost: Callable[[WorkerProcess], None],
+        on_message: Callable[[WorkerHandle, object], None],
+        on_lost: Callable[[WorkerHandle], None],
     ) -> None:
         """Call from the event-loop thread: the worker's death signal follows the spawning thread."""
         ctx = multiprocessing.get_context("spawn")
         jobs_out, self.jobs = ctx.Pipe(duplex=False)
         self.results, results_in = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=worker.main,
+            target=worker_main,
             args=(jobs_out, results_in, *self.args),
-            name=f"edison-worker-{self.slot}",
+            name=f"edison-worker-{self.index}",
             daemon=True,
         )
         self.process.start()
         jobs_out.close()
         results_in.close()
-        self.started_at = time.monotonic()
+        self.started_at = self.last_heard = time.monotonic()
         self.reader = threading.Thread(
-            target=self._read, args=(loop, on_message, on_lost), name=f"edison-reader-{self.slot}", daemon=True
+            target=self._read, args=(loop, on_message, on_lost), name=f"edison-reader-{self.index}", daemon=True
         )
         self.reader.start()
 
@@ -82,6 +81,23 @@ class WorkerProcess:
             loop.call_soon_threadsafe(on_lost, self)
         except RuntimeError:  # the loop is closed: the service is already gone
             pass
+
+    # The record.
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def free_slot(self) -> int | None:
+        """A slot to dispatch into, if the worker is ready and has one."""
+        if self.state is not WorkerState.READY:
+            return None
+        return next((i for i, r in enumerate(self.slots) if r is None), None)
+
+    def requests(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    # The process.
 
     @property
     def pid(self) -> int | None:
@@ -111,9 +127,6 @@ class WorkerProcess:
 
     def dump_stack(self) -> None:
         self.signal(signal.SIGUSR1)  # faulthandler in the worker writes every thread's stack to stderr
-
-    def terminate(self) -> None:
-        self.signal(signal.SIGTERM)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

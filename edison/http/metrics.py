@@ -1,7 +1,7 @@
-"""What the pool reports at its transitions, and `GET /metrics` in Prometheus text format.
+"""`GET /metrics` in Prometheus text format, from the pool's transitions and its bookkeeping.
 
-The pool calls a `PoolObserver` (this base ignores everything) at a few transitions: a request
-refused, a request finished, a worker killed, crashed or respawned. `Metrics` turns those into
+The pool calls its `PoolObserver` at a few transitions: a request refused, finished or
+resumed, a worker killed, crashed or respawned. `Metrics` turns those into
 Prometheus series in its own `CollectorRegistry` (never the global one: two apps in one
 process, as in tests, must not share counters). Gauges are read from the pool at scrape time,
 so they cannot drift from the pool's own bookkeeping. Everything runs on the event loop.
@@ -10,8 +10,6 @@ so they cannot drift from the pool's own bookkeeping. Everything runs on the eve
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,10 +22,7 @@ from prometheus_client import (
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
-from edison.messages import Done
-
-if TYPE_CHECKING:
-    from edison.pool import Event, Pool, Request
+from edison.pool import Completed, Event, Failure, Pool, PoolObserver, Request, Stopped
 
 OUTCOMES = ("ok", "stopped", "error", "rejected")
 PHASES = ("queued", "prefill", "decode")
@@ -37,28 +32,6 @@ TIERS = ("queued", "token", "chunk", "native", "kill", "completed")
 STOP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-
-
-class PoolObserver:
-    """The pool's hooks. This base does nothing, so a pool without metrics needs no checks."""
-
-    def watch(self, pool: Pool) -> None:
-        """Called once by the pool it observes."""
-
-    def rejected(self, reason: str) -> None:
-        """The pool refused a request (queue full, shutting down, no workers): a 503."""
-
-    def finished(self, request: Request, event: Event) -> None:
-        """A request got its final event (Done, Stopped or Failure)."""
-
-    def killed(self) -> None:
-        """The supervisor killed a worker that missed its cancel deadline (tier 3)."""
-
-    def crashed(self) -> None:
-        """A worker exited without being told to (segfault, OOM kill, failed model load)."""
-
-    def respawned(self) -> None:
-        """A replacement worker was started in a slot."""
 
 
 class Metrics(PoolObserver):
@@ -72,7 +45,8 @@ class Metrics(PoolObserver):
             ["phase"], buckets=STOP_BUCKETS, registry=r,
         )
         self.cancel_tier = Counter("edison_cancel_tier", "Which cancel tier ended a cancelled job", ["tier"], registry=r)
-        self.kills = Counter("edison_worker_kills", "Workers killed for missing a cancel deadline", registry=r)
+        self.kills = Counter("edison_worker_kills", "Workers killed: a missed cancel deadline, or a stall", registry=r)
+        self.resumes = Counter("edison_resumed", "Requests resumed on another worker after theirs was lost", registry=r)
         self.crashes = Counter("edison_worker_crashes", "Workers that exited without being told to", registry=r)
         self.respawns = Counter("edison_worker_respawns", "Replacement workers started", registry=r)
         self.ttft = Histogram(
@@ -105,7 +79,16 @@ class Metrics(PoolObserver):
         Gauge("edison_workers_ready", "Workers with the model loaded", registry=r).set_function(
             lambda: health()["workers"]["ready"]
         )
-        Gauge("edison_workers_configured", "Worker slots", registry=r).set(pool.size)
+        Gauge("edison_workers_configured", "Worker processes configured", registry=r).set(pool.settings.pool.workers)
+        Gauge("edison_workers_given_up", "Workers past their restart budget", registry=r).set_function(
+            lambda: health()["workers"]["given_up"]
+        )
+        Gauge("edison_slots_busy", "Sequence slots running a request", registry=r).set_function(
+            lambda: health()["slots"]["busy"]
+        )
+        Gauge("edison_slots_ready", "Sequence slots of ready workers", registry=r).set_function(
+            lambda: health()["slots"]["ready"]
+        )
         Gauge("edison_active_requests", "Requests queued or running", registry=r).set_function(
             lambda: len(pool.requests)
         )
@@ -114,29 +97,30 @@ class Metrics(PoolObserver):
         self.requests.labels("rejected").inc()
 
     def finished(self, request: Request, event: Event) -> None:
-        from edison.pool import Failure, Stopped  # here: the pool imports this module
-
         now = time.monotonic()
-        outcome = "ok" if isinstance(event, Done) else "stopped" if isinstance(event, Stopped) else "error"
+        outcome = "ok" if isinstance(event, Completed) else "stopped" if isinstance(event, Stopped) else "error"
         self.requests.labels(outcome).inc()
         if request.dispatched_at is not None:
             self.queue_wait.observe(request.dispatched_at - request.submitted_at)
         if request.first_token_at is not None:
             self.ttft.observe(request.first_token_at - request.submitted_at)
         if request.cancel_at is not None and isinstance(event, Stopped):
-            self.cancel_tier.labels(event.tier).inc()
+            self.cancel_tier.labels(event.tier.value).inc()
             self.cancel_latency.labels(cancel_phase(request)).observe(now - request.cancel_at)
         if isinstance(event, Failure):
-            generated = len(request.parts)  # no usage from a dead worker: one piece per token
+            generated = request.completion_tokens
         else:
-            generated = event.usage.completion_tokens or len(request.parts)
+            generated = event.usage.completion_tokens
             self.prompt_tokens.inc(event.usage.prompt_tokens)
         self.tokens.inc(generated)
         if generated >= 2 and request.first_token_at is not None and now > request.first_token_at:
             self.rate.observe((generated - 1) / (now - request.first_token_at))
 
-    def killed(self) -> None:
+    def killed(self, reason: str) -> None:
         self.kills.inc()
+
+    def resumed(self) -> None:
+        self.resumes.inc()
 
     def crashed(self) -> None:
         self.crashes.inc()
@@ -159,7 +143,7 @@ def cancel_phase(request: Request) -> str:
 
 
 async def metrics_endpoint(request: HttpRequest) -> Response:
-    observer = request.state.pool.metrics
+    observer = request.state.pool.observer
     if not isinstance(observer, Metrics):
         return JSONResponse({"error": "metrics are off"}, status_code=404)
     return Response(observer.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,315 @@
+"""The generation engine inside a worker: one model, one llama context with `slots` sequences,
+and continuous batching over them (llama.cpp's server slot scheduler, reduced to its core).
+
+Each `step` builds one `llama_batch`: one token for every decoding sequence, plus prefill
+pieces of new prompts within a token budget (smaller while others decode, so a long prompt
+never freezes their streams), decodes it, and samples each finished row with that sequence's
+own sampler chain. Jobs join and leave between steps.
+
+Cancellation, per sequence, in three places that read the same per-slot flags:
+- between steps: a cancelled sequence leaves the batch ("token" once decoding, "chunk" while
+  its prompt is read: what bounds a stop on a GPU backend, where llama.cpp does not honour the
+  abort callback mid-kernel);
+- inside `llama_decode`, through llama.cpp's abort callback ("native"), which fires only when
+  a sequence *in this batch* is cancelled. llama.cpp then drops the failed ubatch from the KV
+  cache; each survivor's KV length is read back and its missing tokens go into the next step.
+Tier 3 (the kill) lives in the pool, for a worker that ignores all of this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals as internals
+from llama_cpp import _logger as llama_logger
+
+from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Tier
+from edison.settings import ModelSettings, Settings
+from edison.worker.prompt import Prompt, PromptFormat, StopFilter
+from edison.worker.sequence import Sequence, sampler_chain
+
+Emit = Callable[[object], None]
+DECODE_ABORTED = 2  # llama_decode's return value when the abort callback said stop
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def llama_options(model: ModelSettings, threads: int) -> dict[str, Any]:
+    """`llama_cpp.Llama` keyword arguments for these settings: the benchmarks' in-process
+    baseline loads the model the way a worker does (see `context_params` for the worker)."""
+    return {
+        "n_ctx": model.n_ctx,
+        "n_batch": model.n_batch,
+        "n_ubatch": model.n_ubatch,
+        "n_threads": threads,
+        "n_threads_batch": model.threads_batch or threads,
+        "flash_attn": model.flash_attn,
+        "n_gpu_layers": model.n_gpu_layers,
+        "verbose": False,
+    }
+
+
+def context_params(model: ModelSettings, threads: int, slots: int) -> Any:
+    """One context for `slots` sequences, each with the whole `n_ctx` of its own (no unified
+    KV buffer: sequences of different chats share no prefix, and each keeps its full context)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = model.n_ctx * slots
+    params.n_seq_max = slots
+    params.kv_unified = False
+    params.swa_full = True  # keeps every position, so a follow-up turn can reuse its prefix
+    params.n_batch = model.n_batch + slots  # a prefill piece plus one token per other sequence
+    params.n_ubatch = model.n_ubatch
+    params.n_threads = threads
+    params.n_threads_batch = model.threads_batch or threads
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if model.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.no_perf = True
+    return params
+
+
+class Engine:
+    def __init__(self, model_path: str, settings: Settings, flags: Any, base: int) -> None:
+        model, pool = settings.model, settings.pool
+        llama_logger.set_verbose(settings.server.log_level == "debug")  # llama.cpp's own lines: errors only
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = model.n_gpu_layers
+        self.model = internals.LlamaModel(path_model=model_path, params=mparams, verbose=False)
+        self.ctx = internals.LlamaContext(
+            model=self.model, params=context_params(model, settings.threads, pool.slots), verbose=False
+        )
+        self.vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.n_ctx = model.n_ctx  # per sequence: prompt and reply of one request
+        self.slots = pool.slots
+        self.chunk = min(pool.prefill_chunk, model.n_batch)  # prefill tokens per step, alone
+        self.busy_chunk = min(self.chunk, model.n_ubatch)  # ... while other sequences decode
+        self.batch = llama_cpp.llama_batch_init(model.n_batch + pool.slots, 0, 1)
+        self.format = PromptFormat(
+            self.model.metadata(),
+            model.prompt_format,
+            bos=self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True).decode("utf-8", "replace"),
+            eos=self._piece(llama_cpp.llama_vocab_eos(self.vocab), special=True).decode("utf-8", "replace"),
+        )
+        self.active: dict[int, Sequence] = {}  # by slot (the pool's cancel-flag index)
+        self.cached: list[list[int]] = [[] for _ in range(self.slots)]  # tokens each KV sequence holds
+        self.flags, self.base = flags, base  # flags[base + slot] >= job_id: that job is cancelled
+        self.watched: list[tuple[int, int]] = []  # (flag index, job id) of the batch being decoded
+        # Kept on self: ctypes would free the trampoline while llama.cpp still holds it.
+        self._abort = llama_cpp.ggml_abort_callback(lambda _data: self._batch_cancelled())
+        llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort, None)
+
+    def _batch_cancelled(self) -> bool:
+        flags = self.flags
+        return any(flags[i] >= job_id for i, job_id in self.watched)
+
+    def cancelled(self, seq: Sequence) -> bool:
+        return self.flags[self.base + seq.job.slot] >= seq.job.job_id
+
+    @property
+    def idle(self) -> bool:
+        return not self.active
+
+    # Jobs join.
+
+    def add(self, job: Job, emit: Emit) -> None:
+        """Takes a job into its slot's sequence, or answers it at once (Failed, or a wedge)."""
+        try:
+            if job.wedge_s:
+                _sleep_in_c(job.wedge_s)  # deaf to every flag: the whole worker stops here
+            self.active[job.slot] = self._sequence(job)
+        except PromptTooLong as exc:
+            emit(Failed(job.job_id, str(exc), FailureKind.PROMPT_TOO_LONG))
+        except UnicodeEncodeError as exc:
+            emit(Failed(job.job_id, f"the prompt cannot be encoded as UTF-8: {exc.reason}", FailureKind.BAD_PROMPT))
+        except Exception as exc:  # one bad job must never take the worker down
+            import traceback
+
+            emit(Failed(job.job_id, f"generation failed: {exc}", FailureKind.GENERATION_FAILED, traceback.format_exc()))
+
+    def _sequence(self, job: Job) -> Sequence:
+        prompt = self._prompt(job)
+        tokens = self.model.tokenize(prompt.text.encode("utf-8"), add_bos=not prompt.special, special=prompt.special)
+        prompt_tokens, done = len(tokens), 0
+        if job.resume is not None:  # the text already streamed, as if the model had just produced it
+            tokens += self.model.tokenize(job.resume.text.encode("utf-8"), add_bos=False, special=False)
+            done = job.resume.completion_tokens
+        if len(tokens) >= self.n_ctx:
+            raise PromptTooLong(
+                f"the prompt is {len(tokens)} tokens long, but the context holds {self.n_ctx} "
+                "(prompt and reply together); shorten the message or the history"
+            )
+        max_new = min(job.sampling.max_tokens - done, self.n_ctx - len(tokens))
+        seq_id = self._pick_kv_sequence(tokens)
+        seq = Sequence(
+            job, seq_id, tokens, len(tokens), prompt_tokens, max(0, max_new),
+            StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling, self.n_vocab),
+        )
+        seq.n_past = self._reuse_prefix(seq)
+        return seq
+
+    def _pick_kv_sequence(self, tokens: list[int]) -> int:
+        """The free KV sequence whose cached tokens share the longest prefix with `tokens`: a
+        follow-up turn of a conversation finds its history wherever its last turn ran."""
+        taken = {s.seq_id for s in self.active.values()}
+        free = [i for i in range(self.slots) if i not in taken]
+        return max(free, key=lambda i: (_common_prefix(self.cached[i], tokens), -i))
+
+    def _prompt(self, job: Job) -> Prompt:
+        if job.messages is not None:
+            return self.format.render(list(job.messages))
+        return Prompt(job.prompt or "", (), special=False)
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Keeps the KV cache of the whole prefill chunks this prompt shares with the slot's last one.
+
+        Only whole chunks, at the offsets a cold run would use: a batch of another shape rounds
+        differently, and on a small model that flips greedy tokens (seen here: "Paris" cold,
+        "I am a French citizen" with the last prompt token evaluated alone).
+        """
+        cached, tokens = self.cached[seq.seq_id], seq.tokens
+        limit = min(len(cached), len(tokens) - 1)  # always evaluate one token: fresh logits
+        same = 0
+        while same < limit and cached[same] == tokens[same]:
+            same += 1
+        keep = same - same % self.chunk
+        llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1)
+        self.cached[seq.seq_id] = tokens[:keep]
+        return keep
+
+    # One step.
+
+    def step(self, emit: Emit) -> None:
+        """Drops the cancelled, decodes one batch, samples every sequence that has a fresh row."""
+        for seq in list(self.active.values()):
+            if self.cancelled(seq):
+                self._end(seq, Cancelled(seq.job.job_id, seq.text(), Tier.TOKEN if seq.decoding else Tier.CHUNK, seq.usage()), emit)
+        if not self.active:
+            return
+        rows = self._fill_batch()
+        self.watched = [(self.base + s.job.slot, s.job.job_id) for s, _, _ in rows]
+        status = llama_cpp.llama_decode(self.ctx.ctx, self.batch)
+        self.watched = []
+        if status == DECODE_ABORTED:
+            self._after_abort(rows, emit)
+            return
+        if status != 0:
+            for seq, _, _ in rows:
+                self._drop_kv(seq)
+                self._end(seq, Failed(seq.job.job_id, f"generation failed: llama_decode returned {status}"), emit)
+            return
+        for seq, start, count in rows:
+            seq.n_past += count
+            self.cached[seq.seq_id] = seq.tokens[: seq.n_past]
+            if seq.prompt_len > self.chunk and seq.n_past <= seq.prompt_len:
+                emit(Progress(seq.job.job_id, seq.n_past, seq.prompt_len))
+            if seq.n_past == len(seq.tokens):
+                self._sample(seq, start + count - 1, emit)
+
+    def _fill_batch(self) -> list[tuple[Sequence, int, int]]:
+        """(sequence, first batch row, rows) for each sequence in this step's batch."""
+        batch, rows, n = self.batch, [], 0
+        decoding = any(s.pending() == 1 for s in self.active.values())
+        piece = budget = self.busy_chunk if decoding else self.chunk
+        for seq in sorted(self.active.values(), key=lambda s: s.pending()):
+            want = seq.pending()
+            if want > 1:  # a prefill piece, ending on a multiple of the piece size (see _reuse_prefix)
+                want = min(want, piece - seq.n_past % piece, budget)
+                if want <= 0:
+                    continue
+                budget -= want
+            for i in range(want):
+                pos = seq.n_past + i
+                batch.token[n + i] = seq.tokens[pos]
+                batch.pos[n + i] = pos
+                batch.n_seq_id[n + i] = 1
+                batch.seq_id[n + i][0] = seq.seq_id
+                batch.logits[n + i] = pos == len(seq.tokens) - 1
+            rows.append((seq, n, want))
+            n += want
+        batch.n_tokens = n
+        return rows
+
+    def _after_abort(self, rows: list[tuple[Sequence, int, int]], emit: Emit) -> None:
+        """llama.cpp kept the ubatches it finished and dropped the one it was in: read back what
+        each sequence holds, end the cancelled ones, and leave the rest to re-submit."""
+        for seq, _, count in rows:
+            held = llama_cpp.llama_memory_seq_pos_max(self.memory, seq.seq_id) + 1
+            if held == seq.n_past + count and held == len(seq.tokens):
+                held -= 1  # its row was computed but its logits are lost: decode that token again
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, held, -1)
+            seq.n_past = min(held, len(seq.tokens))
+            self.cached[seq.seq_id] = seq.tokens[: seq.n_past]
+            if self.cancelled(seq):
+                self._end(seq, Cancelled(seq.job.job_id, seq.text(), Tier.NATIVE, seq.usage()), emit)
+
+    def _sample(self, seq: Sequence, row: int, emit: Emit) -> None:
+        if seq.max_new <= 0:
+            self._finish(seq, "length", emit)
+            return
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx.ctx, row)
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._finish(seq, "stop", emit)
+            return
+        seq.sampled += 1
+        seq.unsent += 1
+        seq.max_new -= 1
+        text, hit = seq.stops.feed(seq.decoder.decode(self._piece(token)))
+        seq.emit_text(text, emit)
+        if hit:
+            self._finish(seq, "stop", emit, flush=False)
+            return
+        seq.tokens.append(token)
+        if seq.max_new <= 0 or len(seq.tokens) >= self.n_ctx:
+            self._finish(seq, "length", emit)
+
+    def _finish(self, seq: Sequence, reason: str, emit: Emit, flush: bool = True) -> None:
+        if flush:  # what the stop filter held back was not a stop string after all
+            seq.emit_text(seq.stops.flush() + seq.decoder.decode(b"", final=True), emit)
+        self._end(seq, Done(seq.job.job_id, seq.text(), reason, seq.usage()), emit)
+
+    def _end(self, seq: Sequence, message: object, emit: Emit) -> None:
+        """The sequence leaves the batch; its KV stays for the slot's next prompt to reuse."""
+        del self.active[seq.job.slot]
+        seq.free()
+        emit(message)
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, 0, -1)
+        self.cached[seq.seq_id] = []
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _sleep_in_c(seconds: float) -> None:
+    """Debug-only wedge: a native call that no cancel flag can reach (only the kill tier can).
+
+    A signal (the SIGUSR1 stack dump sent before a kill) ends `usleep` early with EINTR: sleep
+    again until the time is up, so the wedge stays deaf until SIGTERM or SIGKILL ends it.
+    """
+    libc = ctypes.CDLL(None)
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        libc.usleep(ctypes.c_uint(int(min(left, 1.0) * 1_000_000)))
