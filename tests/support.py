@@ -49,6 +49,8 @@ BASE_CONFIG: dict[str, Any] = {
         "brief": {"description": "four tokens", "temperature": 0.0, "seed": 1, "max_tokens": 4},
         "long": {"description": "greedy, long replies", "system_prompt": "", "temperature": 0.0, "seed": 1,
                  "max_tokens": 3000, "repeat_penalty": 1.0},
+        "count": {"description": "greedy, 64 tokens: with COUNTING, a checkable count", "system_prompt": "",
+                  "temperature": 0.0, "seed": 1, "max_tokens": 64, "repeat_penalty": 1.0},
     },
 }
 
@@ -94,12 +96,13 @@ class Service:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait_ready: bool = True, extra_args: tuple[str, ...] = ()) -> Service:
+    def start(self, wait_ready: bool = True, extra_args: tuple[str, ...] = (), new_session: bool = False) -> Service:
+        """`new_session`: the service leads its own process group, so a test can signal the group."""
         self._log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edison", "serve", "--config", str(self.config), "--port", str(self.port), *extra_args],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,
         )
         if wait_ready:
             self.wait_ready()

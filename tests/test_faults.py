@@ -75,30 +75,79 @@ def test_worker_wedged_in_native_code_is_killed_and_replaced(make_service: MakeS
     assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
 
 
-def test_killed_service_leaves_no_worker_behind(make_service: MakeService) -> None:
+def test_killed_service_leaves_no_process_behind(make_service: MakeService) -> None:
+    """Parent SIGKILL: every descendant (workers and the spawn context's resource tracker) is
+    gone within 2 s: the workers by PR_SET_PDEATHSIG, the tracker when its pipe closes."""
+    import psutil
+
     svc = make_service()
     stream = Stream(svc.url, {"message": long_prompt(3000)})
     busy_pid = svc.worker_for(stream.request_id)
-    pids = svc.worker_pids()
-    assert busy_pid in pids
+    assert svc.proc is not None
+    descendants = [p.pid for p in psutil.Process(svc.proc.pid).children(recursive=True)]
+    assert busy_pid in descendants and len(descendants) >= 3  # two workers and the resource tracker
+    svc.known_pids |= set(descendants)
     svc.proc.kill()
-    for pid in pids:
-        wait_gone(pid, within=5.0)
+    for pid in descendants:
+        wait_gone(pid, within=2.0)
 
 
-def test_sigterm_ends_every_stream_with_done_and_reaps_every_worker(make_service: MakeService) -> None:
-    svc = make_service({"pool": {"workers": 1, "slots": 1, "queue_size": 2}})
-    running = Stream(svc.url, {"message": COUNTING, "mode": "long"})
-    running.wait_for("token", count=2)
+@pytest.mark.parametrize("group", [False, True], ids=["service", "process-group"])
+def test_sigterm_ends_every_request_in_every_phase_in_bounded_time(make_service: MakeService, group: bool) -> None:
+    """SIGTERM with streams queued, in prefill, in decode and on a stopped worker, and a whole
+    /v1 request in flight: each client gets its final answer within cancel_deadline_s +
+    kill_grace_s + 1 s, the service exits 0 and leaves no process behind. The same when the
+    signal goes to the whole process group (`timeout`, a container runtime): a worker must not
+    die of it first, and the shutdown must never log a crash or start a respawn."""
+    import httpx
+
+    svc = make_service({"pool": {"workers": 2, "slots": 1, "queue_size": 2}}, new_session=True)
+    decoding = Stream(svc.url, {"message": COUNTING, "mode": "long"})
+    decoding.wait_for("token", count=2)
+    stopped_pid = svc.worker_for(decoding.request_id)
+    prefill = Stream(svc.url, {"message": long_prompt(3000)})
+    svc.worker_for(prefill.request_id)
     queued = Stream(svc.url, {"message": "Hello"})
     queued.wait_for("queued")
+    whole: dict = {}
+
+    def whole_request() -> None:
+        try:
+            r = httpx.post(f"{svc.url}/v1/completions", json={"model": "edison", "prompt": "Hi", "max_tokens": 8},
+                           timeout=60)
+            whole.update(status=r.status_code, body=r.json(), at=time.monotonic())
+        except Exception as exc:  # noqa: BLE001
+            whole.update(error=repr(exc))
+
+    import threading
+
+    waiter = threading.Thread(target=whole_request, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while svc.health()["queue"] < 2:
+        assert time.monotonic() < deadline, svc.health()
+        time.sleep(0.02)
     pids = svc.worker_pids()
-    svc.proc.send_signal(signal.SIGTERM)
-    for stream in (running, queued):
-        assert stream.done.data == {"ok": False, "error": "server shutting down"}
+    os.kill(stopped_pid, signal.SIGSTOP)  # this one cannot even acknowledge
+    assert svc.proc is not None
+    sent_at = time.monotonic()
+    if group:
+        os.killpg(svc.proc.pid, signal.SIGTERM)
+    else:
+        svc.proc.send_signal(signal.SIGTERM)
+    bound = 1.0 + 0.2 + 1.0  # cancel_deadline_s + kill_grace_s + 1 s
+    for stream in (decoding, prefill, queued):
+        done = stream.done
+        assert done.data == {"ok": False, "error": "server shutting down"}
+        assert done.at - sent_at < bound
+    waiter.join(bound + 1)
+    assert whole.get("status") == 503 and whole["body"]["error"]["code"] == "shutting_down", whole
+    assert whole["at"] - sent_at < bound
     assert svc.proc.wait(timeout=15) == 0
     for pid in pids:
         wait_gone(pid, within=1.0)
+    log = svc.log()
+    assert "exited with code" not in log and "Respawning" not in log and "Traceback" not in log
 
 
 def test_model_that_fails_to_load_backs_off_and_health_says_503(make_service: MakeService, tmp_path) -> None:

@@ -143,7 +143,7 @@ def test_kill_tier_and_crash_are_counted_and_the_workers_respawn(make_service: M
     assert moved(before, middle, "edison_worker_respawns_total") == 1
     assert moved(before, middle, "edison_worker_crashes_total") == 0
 
-    stream = Stream(svc.url, {"message": COUNTING, "mode": "chat"})
+    stream = Stream(svc.url, {"message": COUNTING, "mode": "count"})
     stream.wait_for("token", count=3)
     pid = svc.worker_for(stream.request_id)
     os.kill(pid, signal.SIGKILL)
@@ -155,4 +155,4 @@ def test_kill_tier_and_crash_are_counted_and_the_workers_respawn(make_service: M
     assert moved(middle, after, "edison_requests_total", outcome="ok") == 1
     assert moved(middle, after, "edison_worker_respawns_total") == 1
     assert moved(middle, after, "edison_worker_kills_total") == 0
-    assert moved(middle, after, "edison_tokens_generated_total") == 48  # the whole budget, counted once
+    assert moved(middle, after, "edison_tokens_generated_total") == 64  # the whole budget, counted once

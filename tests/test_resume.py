@@ -49,7 +49,7 @@ def test_fault_matrix_every_client_gets_one_final_event_and_the_pool_recovers(
     make_service: MakeService, how: str, phase: str
 ) -> None:
     svc = make_service(FAST_STALL)
-    body = {"message": long_prompt(1500), "mode": "brief"} if phase == "prefill" else {"message": COUNTING, "mode": "chat"}
+    body = {"message": long_prompt(1500), "mode": "brief"} if phase == "prefill" else {"message": COUNTING, "mode": "count"}
     victim = Stream(svc.url, body) if phase != "idle" else None
     if victim is not None:
         pid = svc.worker_for(victim.request_id)
@@ -63,8 +63,8 @@ def test_fault_matrix_every_client_gets_one_final_event_and_the_pool_recovers(
     os.kill(pid, getattr(signal, how))
     if phase == "idle" and how == "SIGSTOP":
         # Not busy, so not stalled: it is caught once a request lands on it and it stays silent.
-        victim = Stream(svc.url, {"message": COUNTING, "mode": "chat"})
-        victim2 = Stream(svc.url, {"message": COUNTING, "mode": "chat"})  # one of the two lands there
+        victim = Stream(svc.url, {"message": COUNTING, "mode": "count"})
+        victim2 = Stream(svc.url, {"message": COUNTING, "mode": "count"})  # one of the two lands there
         for stream in (victim, victim2):
             (final,) = dones(stream)
             assert final["ok"] is True, final
@@ -86,14 +86,14 @@ def test_fault_matrix_every_client_gets_one_final_event_and_the_pool_recovers(
 
 def test_resumed_request_counts_every_streamed_token_once(make_service: MakeService) -> None:
     svc = make_service({"pool": {"workers": 1, "slots": 2}})
-    solo = chat(svc.url, COUNTING, mode="chat")[-1].data
-    stream = Stream(svc.url, {"message": COUNTING, "mode": "chat"})
+    solo = chat(svc.url, COUNTING, mode="count")[-1].data
+    stream = Stream(svc.url, {"message": COUNTING, "mode": "count"})
     stream.wait_for("token", count=10)
     pid = svc.worker_for(stream.request_id)
     os.kill(pid, signal.SIGKILL)
     (final,) = dones(stream)
     assert final["ok"] is True and final["finish_reason"] == "length"
-    assert final["usage"]["completion_tokens"] == solo["usage"]["completion_tokens"] == 48  # the budget, not more
+    assert final["usage"]["completion_tokens"] == solo["usage"]["completion_tokens"] == 64  # the budget, not more
     assert final["usage"]["prompt_tokens"] == solo["usage"]["prompt_tokens"]
     assert "tokens kept" in svc.log()
 
@@ -121,8 +121,10 @@ def test_a_cancelled_request_is_never_resumed(make_service: MakeService) -> None
     pid = svc.worker_for(stream.request_id)
     os.kill(pid, signal.SIGSTOP)  # it cannot acknowledge: the cancel ends with the kill
     assert svc.cancel(stream.request_id)["status"] == "cancelled"
+    assert svc.cancel(stream.request_id)["status"] == "cancelled"  # a second cancel of a live request
     (final,) = dones(stream)
     assert final["stopped"] is True and final["stopped_by"] == "kill"
+    assert svc.cancel(stream.request_id)["status"] == "not_found"  # and once it has ended
     assert final["response"] == "".join(e.data["t"] for e in stream.events if e.name == "token")
     assert f"Resuming request {stream.request_id}" not in svc.log()
     wait_pool(svc, pid, workers=1)
@@ -130,7 +132,7 @@ def test_a_cancelled_request_is_never_resumed(make_service: MakeService) -> None
 
 def test_worker_silent_past_the_stall_timeout_is_replaced_without_any_cancel(make_service: MakeService) -> None:
     svc = make_service({"pool": {"workers": 1, "slots": 2, "stall_timeout_s": 2.0}})
-    stream = Stream(svc.url, {"message": COUNTING, "mode": "chat"})
+    stream = Stream(svc.url, {"message": COUNTING, "mode": "count"})
     stream.wait_for("token", count=3)
     pid = svc.worker_for(stream.request_id)
     stopped_at = time.monotonic()

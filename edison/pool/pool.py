@@ -184,7 +184,8 @@ class Pool:
 
     def _announce_positions(self) -> None:
         for position, request in enumerate(self.queue, 1):
-            request.events.put_nowait(Queued(position))
+            if not request.resumed:  # a resumed stream shows a pause, nothing else
+                request.events.put_nowait(Queued(position))
 
     def _finish(self, request: Request, event: Event) -> None:
         if request.finished:
@@ -227,7 +228,8 @@ class Pool:
                 request.events.put_nowait(message)
         elif isinstance(message, (Done, Cancelled, Failed)):
             self._release(request)
-            self._finish(request, self._final_event(request, message))
+            if not request.finished:  # (a shutdown already answered it)
+                self._finish(request, self._final_event(request, message))
             if worker.state is WorkerState.READY:
                 self._fill_slots()
 
