@@ -279,7 +279,7 @@ class Pool:
         request.resumed += 1
         request.worker = request.slot = None
         request.job = dataclasses.replace(
-            request.job, job_id=next(self.job_ids), resume=Resume(request.text, request.completion_tokens)
+            request.job, job_id=next(self.job_ids), resume=Resume(request.text, request.completion_tokens), wedge_s=0.0
         )
         logger.warning(
             "Resuming request %s after worker %d (pid %s) was lost: %d tokens kept",

@@ -104,7 +104,8 @@ class Engine:
         self.watched: list[tuple[int, int]] = []  # (flag index, job id) of the batch being decoded
         # Kept on self: ctypes would free the trampoline while llama.cpp still holds it.
         self._abort = llama_cpp.ggml_abort_callback(lambda _data: self._batch_cancelled())
-        llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort, None)
+        self._no_abort = llama_cpp.ggml_abort_callback()  # a NULL function pointer
+        self._armed = False
 
     def _batch_cancelled(self) -> bool:
         flags = self.flags
@@ -180,7 +181,9 @@ class Engine:
         while same < limit and cached[same] == tokens[same]:
             same += 1
         keep = same - same % self.chunk
-        llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1)
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, 0, -1)  # cannot cut there: start over
+            keep = 0
         self.cached[seq.seq_id] = tokens[:keep]
         return keep
 
@@ -194,6 +197,7 @@ class Engine:
         if not self.active:
             return
         rows = self._fill_batch()
+        self._arm(any(count > 1 for _, _, count in rows))
         self.watched = [(self.base + s.job.slot, s.job.job_id) for s, _, _ in rows]
         status = llama_cpp.llama_decode(self.ctx.ctx, self.batch)
         self.watched = []
@@ -212,6 +216,14 @@ class Engine:
                 emit(Progress(seq.job.job_id, seq.n_past, seq.prompt_len))
             if seq.n_past == len(seq.tokens):
                 self._sample(seq, start + count - 1, emit)
+
+    def _arm(self, prefill: bool) -> None:
+        """The abort callback runs after every graph node, through ctypes and the GIL: worth it
+        for a step that reads a prompt piece (up to a second), not for a step of one token per
+        sequence, which ends within tens of milliseconds and is checked between steps anyway."""
+        if prefill != self._armed:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort if prefill else self._no_abort, None)
+            self._armed = prefill
 
     def _fill_batch(self) -> list[tuple[Sequence, int, int]]:
         """(sequence, first batch row, rows) for each sequence in this step's batch."""
