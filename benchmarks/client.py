@@ -49,6 +49,7 @@ class SSEStream:
     def __init__(self, port: int, path: str, body: dict[str, Any], translate: Translate = json_events) -> None:
         self.events: list[Event] = []
         self.status: int | None = None
+        self.headers: dict[str, str] = {}  # lower-case names
         self.error: BaseException | None = None
         self.disconnected_at: float | None = None
         self.closed = threading.Event()
@@ -95,6 +96,7 @@ class SSEStream:
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split()[1])
         headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        self.headers = headers
         chunked = headers.get("transfer-encoding", "").lower() == "chunked"
         length = None if chunked else int(headers.get("content-length", -1))
         body = _Dechunker() if chunked else None

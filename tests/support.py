@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.client import alive, free_port, kill_pid, wait_until  # shared with the benchmarks
+from benchmarks.client import Event, SSEStream, StreamTimeout, alive, free_port, kill_pid, wait_until
 
-__all__ = ["alive", "free_port", "kill_pid", "wait_until"]
+__all__ = ["Event", "alive", "free_port", "kill_pid", "wait_until"]  # shared with the benchmarks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,6 +148,18 @@ class Service:
             time.sleep(0.02)
         raise AssertionError(f"request {request_id} never ran on a worker")
 
+    def wait_replaced(self, old_pid: int, workers: int, within: float = 60.0) -> list[int]:
+        """Until `workers` are ready again and `old_pid` is not among them."""
+        deadline = time.monotonic() + within
+        while True:
+            health = self.health()
+            pids = health["workers"]["pids"]
+            if health["workers"]["ready"] == workers and old_pid not in pids and len(pids) == workers:
+                self.known_pids |= set(pids)
+                return pids
+            assert time.monotonic() < deadline, f"pool not back to {workers} ready workers: {health}"
+            time.sleep(0.1)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -174,66 +185,18 @@ class Service:
 # SSE.
 
 
-@dataclass
-class Event:
-    name: str
-    data: dict[str, Any]
-    at: float  # time.monotonic() when it arrived
+class Stream(SSEStream):
+    """A `/chat/stream` call read on a background thread over a bare socket (the benchmarks'
+    reader); events land in `events`, each stamped with its arrival time."""
 
-
-class Stream:
-    """A `/chat/stream` call read on a background thread; events land in `events`."""
-
-    def __init__(self, url: str, body: dict[str, Any], timeout: float = 120.0) -> None:
-        self.events: list[Event] = []
-        self.headers: httpx.Headers | None = None
-        self.status: int | None = None
-        self.error: BaseException | None = None
-        self.closed = threading.Event()
-        self._changed = threading.Condition()
-        self._abort = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(url, body, timeout), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str, body: dict[str, Any], timeout: float) -> None:
-        try:
-            with httpx.Client(timeout=timeout) as client:
-                with client.stream("POST", f"{url}/chat/stream", json=body) as response:
-                    self.status, self.headers = response.status_code, response.headers
-                    if response.status_code != 200:
-                        response.read()
-                        self._add(Event("http_error", {"status": response.status_code, **response.json()}, time.monotonic()))
-                        return
-                    for event in parse_sse(response.iter_lines()):
-                        self._add(event)
-                        if self._abort.is_set():
-                            return  # closing the response drops the connection: a disconnect
-        except BaseException as exc:  # noqa: BLE001 - surfaced to the test through .error
-            self.error = exc
-        finally:
-            self.closed.set()
-            with self._changed:
-                self._changed.notify_all()
-
-    def _add(self, event: Event) -> None:
-        with self._changed:
-            self.events.append(event)
-            self._changed.notify_all()
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        super().__init__(int(url.rsplit(":", 1)[1]), "/chat/stream", body)
 
     def wait_for(self, name: str, timeout: float = 60.0, count: int = 1) -> Event:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = [e for e in self.events if e.name == name]
-                if len(found) >= count:
-                    return found[count - 1]
-                if self.closed.is_set() or time.monotonic() > deadline:
-                    raise AssertionError(f"no {name!r} event #{count}; got {[e.name for e in self.events]}; error {self.error!r}")
-                self._changed.wait(0.05)
-
-    def disconnect(self) -> None:
-        """Drop the connection the next time an event arrives, or now if none comes."""
-        self._abort.set()
+        try:
+            return super().wait_for(name, timeout, count)
+        except StreamTimeout as exc:
+            raise AssertionError(str(exc)) from None
 
     @property
     def request_id(self) -> str:

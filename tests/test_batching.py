@@ -140,17 +140,6 @@ def test_prefill_is_aborted_inside_llama_decode_by_the_callback(make_service: Ma
     assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
 
 
-def test_late_cancel_never_stops_the_next_job_in_the_same_slot(make_service: MakeService) -> None:
-    svc = make_service({"pool": {"workers": 1, "slots": 1}})
-    first = chat(svc.url, "Say hello.")[0].data["request_id"]
-    solo = chat(svc.url, COUNTING, mode="brief")[-1].data["response"]
-    second = Stream(svc.url, {"message": COUNTING, "mode": "brief"})
-    second.wait_for("init")
-    assert svc.cancel(first)["status"] == "not_found"
-    final = second.done.data
-    assert final["ok"] is True and final["response"] == solo
-
-
 def test_killed_worker_with_three_busy_slots_resumes_each_stream_once(make_service: MakeService) -> None:
     svc = make_service({"pool": {"workers": 1, "slots": 4}})
     streams = [Stream(svc.url, counting("count")) for _ in range(3)]

@@ -78,7 +78,7 @@ def test_health_and_modes(service: Service) -> None:
     assert health["status"] == "ok"
     assert health["workers"]["total"] == 2 and health["workers"]["ready"] == 2
     modes = httpx.get(f"{service.url}/modes").json()
-    assert {m["name"] for m in modes["modes"]} == {"chat", "brief", "long"}
+    assert {m["name"] for m in modes["modes"]} == {"chat", "brief", "long", "count"}
     assert modes["default"] == "chat"
 
 

@@ -24,18 +24,6 @@ def wait_gone(pid: int, within: float) -> None:
         time.sleep(0.02)
 
 
-def wait_replaced(svc: Service, old_pid: int, workers: int) -> list[int]:
-    deadline = time.monotonic() + 60
-    while True:
-        health = svc.health()
-        pids = health["workers"]["pids"]
-        if health["workers"]["ready"] == workers and old_pid not in pids and len(pids) == workers:
-            svc.known_pids |= set(pids)
-            return pids
-        assert time.monotonic() < deadline, f"pool not back to {workers} ready workers: {health}"
-        time.sleep(0.1)
-
-
 def test_stopped_worker_is_killed_at_the_deadline_and_replaced(make_service: MakeService) -> None:
     svc = make_service()
     bystander = Stream(svc.url, {"message": COUNTING, "mode": "long"})
@@ -51,7 +39,7 @@ def test_stopped_worker_is_killed_at_the_deadline_and_replaced(make_service: Mak
     assert done.data["response"] == victim.text()
     assert 0.9 < done.at - cancelled_at < 3.0  # judged at the 1 s deadline, not before
     wait_gone(pid, within=3.0)
-    new_pids = wait_replaced(svc, pid, workers=2)
+    new_pids = svc.wait_replaced(pid, workers=2)
     assert bystander_pid in new_pids  # nothing else in the pool was disturbed
     assert not bystander.closed.is_set()
     svc.cancel(bystander.request_id)
@@ -70,7 +58,7 @@ def test_worker_wedged_in_native_code_is_killed_and_replaced(make_service: MakeS
     assert done.data["stopped"] is True
     assert done.at - cancelled_at < 3.0
     wait_gone(pid, within=3.0)
-    wait_replaced(svc, pid, workers=1)
+    svc.wait_replaced(pid, workers=1)
     assert "Current thread" in svc.log() or "Thread 0x" in svc.log()  # faulthandler's stack dump
     assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
 

@@ -21,19 +21,6 @@ MakeService = Callable[..., Service]
 FAST_STALL = {"pool": {"workers": 2, "slots": 2, "stall_timeout_s": 2.0}}
 
 
-def wait_pool(svc: Service, old_pid: int, workers: int, within: float = 60.0) -> list[int]:
-    """Until `workers` are ready and `old_pid` is not among them."""
-    deadline = time.monotonic() + within
-    while True:
-        health = svc.health()
-        pids = health["workers"]["pids"]
-        if health["workers"]["ready"] == workers and old_pid not in pids and len(pids) == workers:
-            svc.known_pids |= set(pids)
-            return pids
-        assert time.monotonic() < deadline, f"pool not back to {workers} ready workers: {health}"
-        time.sleep(0.1)
-
-
 def dones(stream: Stream) -> list[dict]:
     stream.closed.wait(120)
     return [e.data for e in stream.events if e.name == "done"]
@@ -77,7 +64,7 @@ def test_fault_matrix_every_client_gets_one_final_event_and_the_pool_recovers(
             numbers = counted(tokens)
             assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), tokens  # none repeated or missing
         assert f"Resuming request {victim.request_id}" in svc.log()
-    wait_pool(svc, pid, workers=2)
+    svc.wait_replaced(pid, workers=2)
     assert set(others) <= set(svc.worker_pids())  # the other worker was not disturbed
     assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
     health = svc.health()
@@ -111,7 +98,7 @@ def test_a_second_loss_ends_the_request_with_an_error(make_service: MakeService)
     os.kill(second, signal.SIGKILL)
     (final,) = dones(stream)
     assert final["ok"] is False and "died" in final["error"]
-    wait_pool(svc, second, workers=1)
+    svc.wait_replaced(second, workers=1)
 
 
 def test_a_cancelled_request_is_never_resumed(make_service: MakeService) -> None:
@@ -127,7 +114,7 @@ def test_a_cancelled_request_is_never_resumed(make_service: MakeService) -> None
     assert svc.cancel(stream.request_id)["status"] == "not_found"  # and once it has ended
     assert final["response"] == "".join(e.data["t"] for e in stream.events if e.name == "token")
     assert f"Resuming request {stream.request_id}" not in svc.log()
-    wait_pool(svc, pid, workers=1)
+    svc.wait_replaced(pid, workers=1)
 
 
 def test_worker_silent_past_the_stall_timeout_is_replaced_without_any_cancel(make_service: MakeService) -> None:
@@ -142,7 +129,7 @@ def test_worker_silent_past_the_stall_timeout_is_replaced_without_any_cancel(mak
     waited = stream.events[-1].at - stopped_at
     assert 2.0 < waited < 60, waited  # the watchdog, not a client timeout
     assert "sent nothing for" in svc.log()
-    wait_pool(svc, pid, workers=1)
+    svc.wait_replaced(pid, workers=1)
 
 
 def test_worker_that_crashes_after_ready_backs_off_then_is_given_up(make_service: MakeService) -> None:
