@@ -31,12 +31,13 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str, what: str) -> Address:
-    """HOST:PORT, or [IPV6]:PORT. HAProxy would accept more; a typo should fail here, not there."""
+def parse_address(text: str, what: str, any_host: bool = False) -> Address:
+    """HOST:PORT, or [IPV6]:PORT; with `any_host`, :PORT too (every address, for --bind).
+    HAProxy would accept more; a typo should fail here, not there."""
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (host or any_host) or not port.isdigit() or not 0 < int(port) < 65536:
         raise AddressError(f"{what} {text!r} is not HOST:PORT (port 1-65535)")
     if re.search(r"[\s#'\"\\{}]", host):
         raise AddressError(f"{what} {text!r} has a character that has no place in a host name")
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         config = ProxyConfig(
-            bind=parse_address(args.bind, "--bind"),
+            bind=parse_address(args.bind, "--bind", any_host=True),
             backends=tuple(parse_address(b, "backend") for b in args.backends),
             stats=parse_address(args.stats, "--stats"),
             peer=parse_address(args.peer, "--peer"),

@@ -1,0 +1,124 @@
+"""Test plumbing for tests/test_haproxy.py: a real `haproxy` process in front of real Edison
+instances, configured by `edison haproxy-config` itself (edison/haproxy.py), on loopback ports.
+
+Every process started here is ended by pid, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from edison.haproxy import Address, ProxyConfig, render
+from tests.support import Service, free_port
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def server_name(index: int) -> str:
+    """The name `edison haproxy-config` gives the instance at `index` (0-based)."""
+    return f"edison{index + 1}"
+
+
+@dataclass
+class Proxy:
+    """`haproxy -db -f <rendered config>` in front of `backends`."""
+
+    backends: list[Service]
+    root: Path
+    port: int = field(default_factory=free_port)
+    stats_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    # Applied to the rendered text before it is written: the red-proofs drop a line this way.
+    edit: Callable[[str], str] = lambda text: text
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "haproxy.cfg"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "haproxy.log"
+
+    def render(self) -> str:
+        config = ProxyConfig(
+            bind=Address("127.0.0.1", self.port),
+            backends=tuple(Address("127.0.0.1", svc.port) for svc in self.backends),
+            stats=Address("127.0.0.1", self.stats_port),
+            peer=Address("127.0.0.1", self.peer_port),
+            socket=str(self.root / "admin.sock"),
+            user="",  # the tests' own user; the default (`haproxy`) needs root
+        )
+        return self.edit(render(config))
+
+    def start(self, wait_up: bool = True) -> Proxy:
+        self.config_path.write_text(self.render())
+        check = subprocess.run([HAPROXY, "-c", "-f", str(self.config_path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT)
+        if wait_up:
+            for i in range(len(self.backends)):
+                self.wait_status(i, "UP")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """The stats page's CSV, one row per server name (and FRONTEND/BACKEND)."""
+        text = httpx.get(f"http://127.0.0.1:{self.stats_port}/;csv", timeout=5).text.lstrip("# ")
+        return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == "edison_instances"}
+
+    def status(self, index: int) -> str:
+        return self.stats()[server_name(index)]["status"]
+
+    def wait_status(self, index: int, status: str, timeout: float = 30.0) -> float:
+        """Seconds until the stats page shows instance `index` as `status` (UP, DOWN)."""
+        start = time.monotonic()
+        while True:
+            assert self.proc and self.proc.poll() is None, f"haproxy exited:\n{self.log()}"
+            try:
+                if self.status(index).split()[0] == status:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - start < timeout, f"{server_name(index)} not {status} in {timeout} s:\n{self.log()}"
+            time.sleep(0.05)
+
+
+def owner(services: list[Service], request_id: str, timeout: float = 10.0) -> int:
+    """The index of the instance that runs (or ran) `request_id`, from the instances' own logs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [i for i, svc in enumerate(services) if request_id in svc.log()]
+        if found:
+            assert len(found) == 1, f"request {request_id} in the logs of instances {found}"
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"request {request_id} reached no instance")
