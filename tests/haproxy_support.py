@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from edison.haproxy import Address, ProxyConfig, render
-from tests.support import Service, free_port
+from tests.support import Service, cpu_seconds, free_port, wait_idle
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -122,3 +122,25 @@ def owner(services: list[Service], request_id: str, timeout: float = 10.0) -> in
             return found[0]
         time.sleep(0.02)
     raise AssertionError(f"request {request_id} reached no instance")
+
+
+def wait_stopped(pid: int, within: float = 3.0) -> float:
+    """`wait_idle`, then a whole second below 10 % of a core: on this shared 2-core box one idle
+    0.1 s window can also be a busy worker that got no CPU for a moment."""
+    took = wait_idle(pid, within=within)
+    before = cpu_seconds(pid)
+    time.sleep(1.0)
+    used = cpu_seconds(pid) - before
+    assert used < 0.1, f"worker {pid} still computing: {used:.2f} CPU-s in the second after it looked idle"
+    return took
+
+
+def cancel_everything(services: list[Service]) -> None:
+    """Cleanup after a failed test: cancel whatever each instance still runs, at the instance."""
+    for svc in services:
+        try:
+            for worker in svc.health(verbose=True)["worker_details"]:
+                if worker["request_id"]:
+                    svc.cancel(worker["request_id"])
+        except httpx.HTTPError:
+            pass

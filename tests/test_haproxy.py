@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-from tests.haproxy_support import HAPROXY, Proxy, owner, server_name
+from tests.haproxy_support import HAPROXY, Proxy, cancel_everything, owner, server_name, wait_stopped
 from tests.support import (
     COUNTING,
     REPO,
@@ -37,7 +37,6 @@ from tests.support import (
     chat,
     long_prompt,
     wait_busy,
-    wait_idle,
     write_config,
 )
 
@@ -87,10 +86,14 @@ def proxy(pair: list[Service], tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(autouse=True)
 def settled(request: pytest.FixtureRequest) -> Iterator[None]:
     """Each test starts with the shared instances idle: a previous stop may still be landing."""
-    if "pair" in request.fixturenames:
-        for svc in request.getfixturevalue("pair"):
-            wait_until_free(svc)
+    if "pair" not in request.fixturenames:
+        yield
+        return
+    pair = request.getfixturevalue("pair")
+    for svc in pair:
+        wait_until_free(svc)
     yield
+    cancel_everything(pair)  # a failed test's leftovers must not fail the next one
 
 
 def wait_until_free(svc: Service, timeout: float = 15.0) -> None:
@@ -140,22 +143,25 @@ def test_bad_backend_address_is_refused_by_name() -> None:
 @pytest.mark.parametrize("order", ["first_started_first", "last_started_first"])
 def test_cancel_through_the_proxy_stops_the_owning_worker(pair: list[Service], proxy: Proxy, order: str) -> None:
     streams = [Stream(proxy.url, {"message": COUNTING, "mode": "long"})]
-    streams[0].wait_for("token")
-    streams.append(Stream(proxy.url, {"message": COUNTING, "mode": "long"}))
-    streams[1].wait_for("token")
-    owners = [owner(pair, s.request_id) for s in streams]
-    assert sorted(owners) == [0, 1], f"both streams on instance {owners[0]}: leastconn should spread them"
-    pids = [pair[i].worker_for(s.request_id) for i, s in zip(owners, streams)]
-    assert all(s.headers and s.headers["X-Request-ID"] == s.request_id for s in streams)
+    try:
+        streams[0].wait_for("token")
+        streams.append(Stream(proxy.url, {"message": COUNTING, "mode": "long"}))
+        streams[1].wait_for("token")
+        owners = [owner(pair, s.request_id) for s in streams]
+        assert sorted(owners) == [0, 1], f"both streams on instance {owners[0]}: leastconn should spread them"
+        pids = [pair[i].worker_for(s.request_id) for i, s in zip(owners, streams)]
+        assert all(s.headers and s.headers["X-Request-ID"] == s.request_id for s in streams)
 
-    for k in ([0, 1] if order == "first_started_first" else [1, 0]):
-        other = 1 - k
-        assert cancel(proxy, streams[k].request_id) == {"status": "cancelled", "request_id": streams[k].request_id}
-        done = streams[k].done.data
-        assert done["ok"] is False and done["stopped"] is True, done
-        wait_idle(pids[k], within=3.0)
-        if not streams[other].closed.is_set():  # the other one is untouched: still counting
-            assert not any(e.name == "done" for e in streams[other].events)
+        for k in ([0, 1] if order == "first_started_first" else [1, 0]):
+            other = 1 - k
+            assert cancel(proxy, streams[k].request_id) == {"status": "cancelled", "request_id": streams[k].request_id}
+            done = streams[k].done.data
+            assert done["ok"] is False and done["stopped"] is True, done
+            wait_stopped(pids[k], within=3.0)
+            if not streams[other].closed.is_set():  # the other one is untouched: still counting
+                assert not any(e.name == "done" for e in streams[other].events)
+    finally:
+        cancel_everything(pair)
 
     for i, pid in zip(owners, pids):
         assert_same_worker_serves_next(pair[i], pid)
@@ -177,7 +183,7 @@ def test_disconnect_during_prefill_through_the_proxy_idles_the_owning_worker(pai
     wait_busy(pid, cpu=1.0)  # inside a ~60 s single-chunk prefill: no byte is flowing
     assert b"event: progress" not in stream.received and b"event: token" not in stream.received
     stream.disconnect()
-    wait_idle(pid, within=3.0)
+    wait_stopped(pid, within=3.0)
     assert f"Client disconnected for request {request_id}" in svc.log()
     assert_same_worker_serves_next(svc, pid)
 
@@ -226,7 +232,7 @@ def test_openai_stream_closed_through_the_proxy_stops_the_worker(pair: list[Serv
     pid = svc.worker_for(request_id)
     wait_busy(pid, cpu=0.3)
     stream.close()
-    wait_idle(pid, within=3.0)
+    wait_stopped(pid, within=3.0)
     assert f"Client disconnected for request {request_id}" in svc.log()
     assert_same_worker_serves_next(svc, pid)
 
@@ -255,7 +261,7 @@ def test_openai_whole_request_timed_out_through_the_proxy_stops_the_worker(pair:
     pid = busy.worker_pids()[0]
     asker.join(timeout=30)
     assert errors and isinstance(errors[0], openai.APITimeoutError), errors
-    wait_idle(pid, within=3.0)
+    wait_stopped(pid, within=3.0)
     assert [svc.log().count("Client disconnected for request") for svc in pair] == [
         n + (svc is busy) for n, svc in zip(disconnects, pair)
     ]
