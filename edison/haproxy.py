@@ -49,7 +49,6 @@ class ProxyConfig:
     bind: Address
     backends: tuple[Address, ...]
     stats: Address = Address("127.0.0.1", 8404)
-    peer: Address = Address("127.0.0.1", 10000)  # this proxy's own peer address, for reloads
     socket: str = "/run/haproxy/admin.sock"  # where Debian's package keeps its runtime API
     user: str = "haproxy"  # the unprivileged user it drops to after binding; "" keeps the caller's
 
@@ -67,7 +66,6 @@ def render(config: ProxyConfig, template: Path = TEMPLATE) -> str:
         "count": str(len(config.backends)),
         "bind": str(config.bind),
         "stats": str(config.stats),
-        "peer": str(config.peer),
         "socket": config.socket,
         "user_lines": user,
         "server_lines": servers,
@@ -89,8 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--bind", required=True, metavar="HOST:PORT", help="where the proxy listens for clients")
     parser.add_argument("backends", nargs="+", metavar="BACKEND_HOST:PORT", help="the Edison instances")
     parser.add_argument("--stats", default="127.0.0.1:8404", metavar="HOST:PORT", help="the stats page (default: %(default)s)")
-    parser.add_argument("--peer", default="127.0.0.1:10000", metavar="HOST:PORT",
-                        help="this proxy's peer address, which hands the stick table over on a reload (default: %(default)s)")
     parser.add_argument("--socket", default="/run/haproxy/admin.sock", help="the runtime API socket (default: %(default)s)")
     parser.add_argument("--user", default="haproxy", help="user and group to drop to after binding; '' to stay (default: %(default)s)")
     return parser
@@ -102,7 +98,6 @@ def main(args: argparse.Namespace) -> int:
             bind=parse_address(args.bind, "--bind", any_host=True),
             backends=tuple(parse_address(b, "backend") for b in args.backends),
             stats=parse_address(args.stats, "--stats"),
-            peer=parse_address(args.peer, "--peer"),
             socket=args.socket,
             user=args.user,
         )

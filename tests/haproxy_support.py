@@ -37,7 +37,6 @@ class Proxy:
     root: Path
     port: int = field(default_factory=free_port)
     stats_port: int = field(default_factory=free_port)
-    peer_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     # Applied to the rendered text before it is written: the red-proofs drop a line this way.
     edit: Callable[[str], str] = lambda text: text
@@ -59,7 +58,6 @@ class Proxy:
             bind=Address("127.0.0.1", self.port),
             backends=tuple(Address("127.0.0.1", svc.port) for svc in self.backends),
             stats=Address("127.0.0.1", self.stats_port),
-            peer=Address("127.0.0.1", self.peer_port),
             socket=str(self.root / "admin.sock"),
             user="",  # the tests' own user; the default (`haproxy`) needs root
         )
