@@ -278,13 +278,26 @@ def test_killed_instance_is_routed_around_and_rejoins(tmp_path: Path) -> None:
         pair = start_pair(tmp_path)
         px = Proxy(pair, tmp_path).start()
         victim = pair[0]
+        streams = [Stream(px.url, {"message": COUNTING, "mode": "long"})]
+        streams[0].wait_for("token")
+        streams.append(Stream(px.url, {"message": COUNTING, "mode": "long"}))
+        streams[1].wait_for("token")
+        on_victim, survivor = sorted(streams, key=lambda s: owner(pair, s.request_id))
+        assert owner(pair, on_victim.request_id) == 0 and owner(pair, survivor.request_id) == 1
         doomed = [victim.proc.pid, *victim.worker_pids()]  # type: ignore[union-attr]
         for pid in doomed:
             os.kill(pid, signal.SIGKILL)
         victim.proc.wait(timeout=5)  # type: ignore[union-attr]
         killed_at = time.monotonic()
 
-        for _ in range(4):  # at once, before any health check noticed: refused, so retried
+        # Its stream ends, without a `done` (docs/multi-box.md says so); the other box's goes on.
+        assert on_victim.closed.wait(5), "the dead box's stream is still open"
+        assert on_victim.error is not None and not any(e.name == "done" for e in on_victim.events)
+        assert not survivor.closed.is_set()
+        assert cancel(px, survivor.request_id)["status"] == "cancelled"
+        assert survivor.done.data["stopped"] is True
+
+        for _ in range(4):  # the health check may not have noticed yet: refused, then retried
             events = chat(px.url, "What is the capital of France?")
             assert events[-1].data["ok"] is True, events[-1].data
             assert owner(pair, events[0].data["request_id"]) == 1
