@@ -18,8 +18,8 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "hapr
 PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 
 
-class AddressError(ValueError):
-    """An address that is not HOST:PORT; the message names it."""
+class BadOption(ValueError):
+    """A command-line value that would make a broken haproxy.cfg; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ def parse_address(text: str, what: str, any_host: bool = False) -> Address:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not (host or any_host) or not port.isdigit() or not 0 < int(port) < 65536:
-        raise AddressError(f"{what} {text!r} is not HOST:PORT (port 1-65535)")
+        raise BadOption(f"{what} {text!r} is not HOST:PORT (port 1-65535)")
     if re.search(r"[\s#'\"\\{}]", host):
-        raise AddressError(f"{what} {text!r} has a character that has no place in a host name")
+        raise BadOption(f"{what} {text!r} has a character that has no place in a host name")
     return Address(host, int(port))
 
 
@@ -54,10 +54,14 @@ class ProxyConfig:
 
 
 def render(config: ProxyConfig, template: Path = TEMPLATE) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", config.user):
+        raise BadOption(f"--user {config.user!r} is not a user name")
+    if not config.socket.startswith("/") or re.search(r"\s", config.socket):
+        raise BadOption(f"--socket {config.socket!r} is not an absolute path without spaces")
     if not config.backends:
-        raise AddressError("at least one Edison instance is needed")
+        raise BadOption("at least one Edison instance is needed")
     if len(set(config.backends)) != len(config.backends):
-        raise AddressError("an Edison instance is listed twice")
+        raise BadOption("an Edison instance is listed twice")
     servers = "\n".join(
         f"    server edison{i} {backend}" for i, backend in enumerate(config.backends, start=1)
     )
@@ -102,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
             user=args.user,
         )
         sys.stdout.write(render(config))
-    except AddressError as exc:
+    except BadOption as exc:
         print(f"edison haproxy-config: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +37,6 @@ class Proxy:
     port: int = field(default_factory=free_port)
     stats_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
-    # Applied to the rendered text before it is written: the red-proofs drop a line this way.
-    edit: Callable[[str], str] = lambda text: text
 
     @property
     def url(self) -> str:
@@ -61,7 +58,7 @@ class Proxy:
             socket=str(self.root / "admin.sock"),
             user="",  # the tests' own user; the default (`haproxy`) needs root
         )
-        return self.edit(render(config))
+        return render(config)
 
     def start(self, wait_up: bool = True) -> Proxy:
         self.config_path.write_text(self.render())

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -235,6 +235,22 @@ def test_openai_stream_closed_through_the_proxy_stops_the_worker(pair: list[Serv
     wait_stopped(pid, within=3.0)
     assert f"Client disconnected for request {request_id}" in svc.log()
     assert_same_worker_serves_next(svc, pid)
+
+
+def test_openai_streams_cancelled_by_their_ids_through_the_proxy(pair: list[Service], proxy: Proxy) -> None:
+    """The stick table learns /v1 ids too: each cancel by a chunk's `id` reaches its own box."""
+    streams = []
+    for _ in range(2):
+        stream = openai_client(proxy).chat.completions.create(
+            model="edison-long", messages=[{"role": "user", "content": COUNTING}], stream=True, max_tokens=2000
+        )
+        streams.append((stream, next(iter(stream))))
+    ids = [first.id for _, first in streams]
+    assert sorted(owner(pair, i) for i in ids) == [0, 1]
+    for (stream, _), request_id in zip(streams, ids):
+        assert cancel(proxy, request_id) == {"status": "cancelled", "request_id": request_id}
+        reasons = [c.choices[0].finish_reason for c in stream if c.choices]
+        assert reasons[-1] == "cancelled", reasons[-3:]
 
 
 def test_openai_whole_request_timed_out_through_the_proxy_stops_the_worker(pair: list[Service], proxy: Proxy) -> None:
