@@ -8,7 +8,9 @@ the stop -> the worker's CPU idle. Direct and through-the-proxy trials alternate
 so whatever else runs on the machine hits both alike; the direct ones alternate between the two
 instances, as the proxy's do.
 
-The raw samples go to benchmarks/results-proxy.json; the table is printed (markdown).
+A last row times the hop alone: a bare `POST /chat/cancel` of an unknown id, direct and through
+the proxy, many times, with no model computing. The raw samples go to
+benchmarks/results-proxy.json; the table is printed (markdown).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 CAP_S = 10.0  # a stop that takes longer is recorded as "at least 10 s"
 DECODE_TOKENS = (3, 30)  # stop after this many streamed tokens
 PREFILL_DELAY_S = (1.0, 5.0)  # stop this long after the send: inside a ~14 s prefill
-# (phase, how, what is timed): the four rows each path gets.
+HOPS_PER_TRIAL = 10  # round trips of a bare cancel per stop trial: they are cheap
+# (phase, how): the four stop rows each path gets.
 KINDS = (("decode", "cancel"), ("decode", "disconnect"), ("prefill", "cancel"), ("prefill", "disconnect"))
 
 
@@ -144,6 +148,17 @@ def trial(system: System, phase: str, how: str, rng: random.Random) -> dict[str,
     return record
 
 
+def hop_trial(port: int, path: str, rng: random.Random) -> dict[str, Any]:
+    """One `POST /chat/cancel` of an id nobody runs (`not_found`): the cost of the extra hop
+    alone, without a model in the measurement."""
+    request_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    t0 = time.monotonic()
+    status, body = http_json(port, "POST", "/chat/cancel", {"request_id": request_id})
+    elapsed = time.monotonic() - t0
+    assert status == 200 and body["status"] == "not_found", body
+    return {"phase": "http", "how": "cancel", "path": path, "round_trip_s": elapsed, "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from edison.model import resolve_model_path
 
@@ -179,6 +194,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     done = len(records) + len(errors)
                     print(f"\r{done}/{total} trials", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
+        for i in range(args.trials * HOPS_PER_TRIAL):
+            order = [(backends[i % 2].port, "direct"), (proxy.port, "proxy")]
+            for port, path in order if i % 2 == 0 else order[::-1]:
+                records.append(hop_trial(port, path, rng))
         retries = {r["svname"]: r.get("wretr") for r in proxy.stats() if r["pxname"] == "edison_instances"}
     finally:
         proxy.stop()
@@ -207,14 +226,19 @@ def nearest_rank(values: list[float], p: float) -> float:
 
 
 def ms(value: float) -> str:
-    return f"{value * 1000:.1f} ms"
+    return f"{value * 1000:.2f} ms" if value < 0.01 else f"{value * 1000:.1f} ms"
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (phase, stop, timed-until, path), with the proxy's added p50."""
     out = []
-    for phase, how in KINDS:
-        metrics = [("done", "cancel_to_done_s"), ("CPU idle", "cancel_to_idle_s")] if how == "cancel" else [("CPU idle", "cancel_to_idle_s")]
+    for phase, how in (("http", "cancel"), *KINDS):
+        if phase == "http":
+            metrics = [("`not_found` (no model)", "round_trip_s")]
+        elif how == "cancel":
+            metrics = [("done", "cancel_to_done_s"), ("CPU idle", "cancel_to_idle_s")]
+        else:
+            metrics = [("CPU idle", "cancel_to_idle_s")]
         for until, key in metrics:
             p50: dict[str, float] = {}
             for path in ("direct", "proxy"):
@@ -233,10 +257,10 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| phase | stop → | path | n | p50 | p90 | p99 | max | proxy adds (p50) |",
+    lines = ["| phase | stop → until | path | n | p50 | p90 | p99 | max | proxy adds (p50) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in table:
-        adds = "" if r["proxy_adds_p50"] is None else f"{r['proxy_adds_p50'] * 1000:+.1f} ms"
+        adds = "" if r["proxy_adds_p50"] is None else f"{r['proxy_adds_p50'] * 1000:+.2f} ms"
         capped = f" (+{r['capped']} capped)" if r["capped"] else ""
         lines.append(f"| {r['phase']} | {r['stop']} → {r['until']} | {r['path']} | {r['n']}{capped} | {ms(r['p50'])} | "
                      f"{ms(r['p90'])} | {ms(r['p99'])} | {ms(r['max'])} | {adds} |")
