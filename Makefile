@@ -38,9 +38,11 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/edison serve
 
-# The browser tests drive Debian's Chromium; the script installs it when missing (as root).
+# The browser tests drive Debian's Chromium, the multi-box tests Debian's HAProxy; the scripts
+# install them when missing (as root).
 test: setup
 	sh scripts/install-browser.sh
+	sh scripts/install-haproxy.sh
 	sh deploy/install-systemd-analyze.sh
 	$(VENV)/bin/pytest
 

@@ -12,6 +12,9 @@ import sys
 
 import uvicorn
 
+from edison.haproxy import DESCRIPTION as HAPROXY_DESCRIPTION
+from edison.haproxy import add_arguments as add_haproxy_arguments
+from edison.haproxy import main as haproxy_config
 from edison.logging_setup import configure_logging
 from edison.notify import Notifier
 from edison.settings import DEFAULT_CONFIG, ConfigError, Settings, load_settings
@@ -54,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="model worker processes (default from config: 2)")
     serve.add_argument("--model", help="path to a GGUF model (default: the bundled Gemma 3 270M)")
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (default from config: text)")
+    add_haproxy_arguments(commands.add_parser("haproxy-config", help="print an haproxy.cfg for several instances", description=HAPROXY_DESCRIPTION))
     return root
 
 
@@ -94,6 +98,8 @@ def serve(settings: Settings, notifier: Notifier) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "haproxy-config":
+        return haproxy_config(args)
     overrides = {
         "server.host": args.host,
         "server.port": args.port,
