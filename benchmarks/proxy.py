@@ -115,7 +115,7 @@ class ViaProxy(System):
 
         def running() -> bool:
             found[:] = [w["pid"] for b in self.proxy.backends for w in b.health(verbose=True)["worker_details"]
-                        if w["request_id"] == request_id]
+                        if request_id in w["request_ids"]]
             return bool(found)
 
         if not wait_until(running, timeout=30, interval=0.01):

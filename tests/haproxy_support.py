@@ -135,7 +135,7 @@ def cancel_everything(services: list[Service]) -> None:
     for svc in services:
         try:
             for worker in svc.health(verbose=True)["worker_details"]:
-                if worker["request_id"]:
-                    svc.cancel(worker["request_id"])
+                for request_id in filter(None, worker["request_ids"]):
+                    svc.cancel(request_id)
         except httpx.HTTPError:
             pass

@@ -51,7 +51,7 @@ pytestmark = [
 # One worker and one thread per instance; a queue of one, so "queue full" is two requests away.
 # prefill_chunk above the prompt: no progress event flows during a prefill, the strictest case
 # for a disconnect (nothing is written that could fail).
-INSTANCE = {"pool": {"workers": 1, "queue_size": 1, "prefill_chunk": 8192}, "model": {"threads": 1}}
+INSTANCE = {"pool": {"workers": 1, "slots": 1, "queue_size": 1, "prefill_chunk": 8192}, "model": {"threads": 1}}
 
 
 def start_pair(root: Path) -> list[Service]:

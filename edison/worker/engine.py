@@ -91,6 +91,7 @@ class Engine:
         self.slots = pool.slots
         self.chunk = min(pool.prefill_chunk, model.n_batch)  # prefill tokens per step, alone
         self.busy_chunk = min(self.chunk, model.n_ubatch)  # ... while other sequences decode
+        self.progress_over = pool.prefill_chunk  # prompts longer than this report their progress
         self.batch = llama_cpp.llama_batch_init(model.n_batch + pool.slots, 0, 1)
         self.format = PromptFormat(
             self.model.metadata(),
@@ -212,7 +213,7 @@ class Engine:
         for seq, start, count in rows:
             seq.n_past += count
             self.cached[seq.seq_id] = seq.tokens[: seq.n_past]
-            if seq.prompt_len > self.chunk and seq.n_past <= seq.prompt_len:
+            if seq.prompt_len > self.progress_over and seq.n_past <= seq.prompt_len:
                 emit(Progress(seq.job.job_id, seq.n_past, seq.prompt_len))
             if seq.n_past == len(seq.tokens):
                 self._sample(seq, start + count - 1, emit)
