@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.client import SSEStream
 from benchmarks.systems import Edison
 from benchmarks.workload import counting
 from edison.model import resolve_model_path
@@ -80,7 +79,7 @@ def main() -> None:
                      "ttft_s": statistics.median(r["ttft_s"] for r in rows)}
             for c, rows in by_c.items()
         }
-    print(f"\n{'layout (w x t x s)':<20}" + "".join(f"{f'c={c} tok/s':>14}{f'ttft':>8}" for c in CLIENTS))
+    print(f"\n{'layout (w x t x s)':<20}" + "".join(f"{f'c={c} tok/s':>14}{'ttft':>8}" for c in CLIENTS))
     for name, by_c in summary.items():
         print(f"{name:<20}" + "".join(f"{by_c[str(c)]['tok_s']:>14.1f}{by_c[str(c)]['ttft_s']:>8.2f}" for c in CLIENTS))
     record = {"when": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(), "rounds": args.rounds,
