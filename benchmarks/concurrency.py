@@ -63,11 +63,11 @@ def section(run: Run) -> None:
     """Runs the three parts; every process it starts is stopped in a `finally`."""
     p = run.plan
     systems = contenders(run)
-    run.described += [{**s.describe(), "section": "concurrency"} for s in systems]
     run.trials["concurrency_systems"] = [s.label for s in systems]
     run.progress.step("concurrency: starting its systems")
     try:
         run.start(*systems)
+        run.described += [{**s.describe(), "section": "concurrency"} for s in systems]  # with their ports
         for round_ in range(p.concurrency_rounds):
             order = systems[round_ % len(systems):] + systems[: round_ % len(systems)]
             for c in p.concurrency_levels:

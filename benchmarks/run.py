@@ -353,7 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections, from: %(default)s")
     parser.add_argument("--seed", type=int, default=None, help="random seed for the stop moments")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON, chart and logs go")
-    parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md and its chart")
+    parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md, its chart and RESULTS.json")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report (and --publish) a saved run's JSON")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one of Edison's settings (as in config.toml), e.g. --set model.n_ubatch=512")
@@ -445,7 +445,9 @@ def report_run(results: dict[str, Any], args: argparse.Namespace, json_path: Pat
         target = HERE / "RESULTS.md"
         previous = target.read_text() if target.exists() else ""
         target.write_text(report.results_markdown(results, rows, "stop_latency.png", previous))
-        print(f"Published {target}")
+        # The published run's raw samples beside it, committed with it (results/ is not).
+        report.write_json(HERE / "RESULTS.json", results, rows)
+        print(f"Published {target} and {HERE / 'RESULTS.json'}")
 
 
 def report_saved(args: argparse.Namespace) -> int:

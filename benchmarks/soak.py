@@ -42,7 +42,7 @@ from benchmarks.systems import Edison, metric
 from benchmarks.workload import counting, long_message
 from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
-DONE_TIMEOUT = 60.0
+DONE_TIMEOUT = 120.0  # generous: the soak counts broken promises, not slowness
 RSS_GROWTH_LIMIT = 0.05
 COUNTERS = ("edison_worker_kills_total", "edison_worker_crashes_total", "edison_worker_respawns_total",
             "edison_resumed_total")
@@ -230,6 +230,26 @@ def plan_kinds(cycles: int, kill_every: int, rng: random.Random) -> list[str]:
     return kinds
 
 
+def _cycle(runner: Soak, kind: str, index: int) -> dict[str, Any]:
+    """One cycle and the settling after it; a broken promise is recorded, and the soak goes on
+    unless the pool does not even empty itself again (`fatal`)."""
+    t = time.monotonic()
+    record: dict[str, Any] = {"cycle": index, "kind": kind}
+    try:
+        runner.run(kind)
+        runner.settle()
+    except (ContractError, StreamTimeout, OSError) as exc:
+        record["problem"] = f"{type(exc).__name__}: {exc}"
+        print(f"\nsoak: cycle {index + 1} ({kind}): {exc}", file=sys.stderr)
+        try:
+            runner.settle(timeout=60.0)  # the next cycle starts from an empty pool
+        except ContractError as again:
+            record["problem"] += f"; then {again}"
+            record["fatal"] = True
+    record["s"] = round(time.monotonic() - t, 3)
+    return record
+
+
 def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model = edison_model(_model_path(), args.threads, args.overrides)
     shipped = load_settings(DEFAULT_CONFIG, **args.overrides).pool
@@ -248,8 +268,9 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         runner = Soak(edison, rng, args.prompt_tokens, kill_gap_s=shipped.crash_window_s / 2)
         for kind in (*KINDS, "kill"):  # warm-up: every path once, before the baseline
             progress.step(f"warm-up: {kind}")
-            runner.run(kind)
-            runner.settle()
+            warm = _cycle(runner, kind, -1)
+            if "problem" in warm:
+                cycles.append(warm)
         before = snapshot(edison, runner)
         runner.kills_injected = 0
         progress.step("baseline taken")
@@ -257,22 +278,11 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if kind == "kill" and not runner.can_kill():
                 kind = rng.choice(KINDS)  # too soon after the last one: see the module docstring
             progress.step(f"cycle {i + 1}: {kind}")
-            t = time.monotonic()
-            record: dict[str, Any] = {"cycle": i, "kind": kind}
-            try:
-                runner.run(kind)
-                runner.settle()
-            except (ContractError, StreamTimeout, OSError) as exc:
-                record["problem"] = f"{type(exc).__name__}: {exc}"
-                print(f"\nsoak: cycle {i + 1} ({kind}): {exc}", file=sys.stderr)
-                try:
-                    runner.settle(timeout=60.0)  # the next cycle starts from an empty pool, or the soak ends
-                except ContractError as again:
-                    record["problem"] += f"; then {again}"
-                    break
-            record["s"] = round(time.monotonic() - t, 3)
+            record = _cycle(runner, kind, i)
             counts[kind] += 1
             cycles.append(record)
+            if record.get("fatal"):
+                break
         time.sleep(1.0)  # let closed connections and reaped workers settle
         after = snapshot(edison, runner)
         progress.step("after taken")
@@ -307,7 +317,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads in all (default %(default)s)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--publish", action="store_true", help="also write the Soak section of benchmarks/RESULTS.md")
+    parser.add_argument("--publish", action="store_true", help="also write RESULTS.md's Soak section and SOAK.json")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one of Edison's settings, e.g. --set pool.slots=2")
     args = parser.parse_args(argv)
@@ -362,7 +372,8 @@ def publish(result: dict[str, Any]) -> None:
     target = HERE / "RESULTS.md"
     previous = target.read_text() if target.exists() else f"# Benchmark results\n\n{NOTES}\n\n(none yet)\n"
     target.write_text(rc.replace_soak(previous, rc.soak_markdown(result), NOTES))
-    print(f"Published the soak in {target}")
+    (HERE / "SOAK.json").write_text(json.dumps(result, indent=1, default=str))  # committed beside RESULTS.md
+    print(f"Published the soak in {target} and {HERE / 'SOAK.json'}")
 
 
 if __name__ == "__main__":
