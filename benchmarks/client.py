@@ -47,6 +47,7 @@ class SSEStream:
     """One streaming POST, read on a background thread; `events` fills as bytes arrive."""
 
     def __init__(self, port: int, path: str, body: dict[str, Any], translate: Translate = json_events) -> None:
+        self.path = path
         self.events: list[Event] = []
         self.status: int | None = None
         self.headers: dict[str, str] = {}  # lower-case names

@@ -1,5 +1,5 @@
-"""How much of each benchmark a run does: `FULL` (the default, under 30 minutes on 2 cores)
-and `QUICK` (a small subset of everything, under 3 minutes)."""
+"""How much of each benchmark a run does: `FULL` (the default, about 45 minutes on 2 cores)
+and `QUICK` (a small subset of everything, about 5 minutes)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ class Plan:
     load_trials: int
     load_workers: int = 2
     load_queue: int = 4
+    # Concurrency (benchmarks/concurrency.py): c clients at once, each a greedy reply of
+    # `concurrency_tokens` through /v1/completions, every system once per level per round.
+    concurrency_levels: tuple[int, ...] = (1, 2, 4, 8)
+    concurrency_rounds: int = 3
+    concurrency_tokens: int = 128
+    # One sequence of a full worker stopped while the others decode: per phase (prefill, decode).
+    slot_stop_trials: int = 20  # by POST /chat/cancel
+    slot_disconnect_trials: int = 10
+    slot_stop_prompt_tokens: int = 4000  # the prompt stopped in its prefill
+    slot_stop_delay_s: tuple[float, float] = (0.5, 4.0)  # the prefill stop, after the send
+    slot_stop_tokens: tuple[int, int] = (2, 24)  # the decode stop, after this many of its tokens
+    memory_slots: tuple[int, ...] = (3, 4)  # one worker started with each; every slot made busy in turn
 
 
 FULL = Plan(
@@ -82,4 +94,11 @@ QUICK = Plan(
     prefill_tokens=1000,
     memory_workers=(),
     load_trials=1,
+    concurrency_rounds=1,
+    concurrency_tokens=16,
+    slot_stop_trials=1,
+    slot_disconnect_trials=1,
+    slot_stop_prompt_tokens=1500,
+    slot_stop_delay_s=(0.3, 1.0),
+    slot_stop_tokens=(2, 6),
 )

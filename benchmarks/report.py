@@ -85,6 +85,9 @@ def summarise(results: dict[str, Any]) -> list[Row]:
     rows += _throughput_rows(trials.get("throughput", []), trials.get("prefill_speed", []))
     rows += _memory_rows(trials.get("memory", []))
     rows += _load_rows(trials.get("load", []), trials.get("lag", {}))
+    from benchmarks import report_concurrency  # here: it imports this module
+
+    rows += report_concurrency.summarise(trials)
     return rows
 
 
@@ -289,9 +292,14 @@ NOTES = "## Notes (by hand)"
 
 
 def results_markdown(results: dict[str, Any], rows: list[Row], chart_name: str, previous: str = "") -> str:
-    """RESULTS.md for this run; a "Notes (by hand)" section of the `previous` file is kept."""
+    """RESULTS.md for this run; the "Soak" (benchmarks/soak.py --publish writes it) and "Notes (by
+    hand)" sections of the `previous` file are kept."""
+    from benchmarks import report_concurrency as rc  # here: it imports this module
+
     meta = results["meta"]
     notes = previous[previous.index(NOTES) :] if NOTES in previous else f"{NOTES}\n\n(none yet)\n"
+    soak = previous[previous.index(rc.SOAK) : previous.index(NOTES)] if rc.SOAK in previous and NOTES in previous else (
+        f"{rc.SOAK}\n\n(none published yet: `python -m benchmarks.soak --cycles 1000 --publish`)\n\n")
     return f"""# Benchmark results
 
 Latest full run of `python -m benchmarks` ({meta['finished']}, {meta['duration_s'] / 60:.1f} min,
@@ -315,12 +323,13 @@ threads for every system.
 
 {throughput_headline(rows)}
 
+{rc.markdown(results, rows)}
 ## All results
 
 {markdown_table(rows)}
 
 {METHOD}
-{notes}"""
+{soak}{notes}"""
 
 
 def headline(rows: list[Row]) -> str:
@@ -391,4 +400,23 @@ METHOD = """## What is measured, and how
 - **load**: Edison with 2 workers x 1 thread, both decoding, and the queue full. The event-loop lag
   is measured from outside: the round trip of `GET /health` on a kept-alive connection every
   20 ms (it is answered on the event loop), with the service idle and loaded.
+- **concurrency c=N** (`benchmarks/concurrency.py`): N clients send at once, each a greedy
+  128-token counting reply through the system's streaming `/v1/completions` (the seed has none:
+  its own stream). Aggregate speed = all replies' tokens (the server's usage count when it gives
+  one) over first send → last token, one sample per round; first token = each client's send →
+  its first token. Edison as shipped (config.toml's [pool], threads = cores / workers), Edison
+  with 2 workers x 1 thread x 1 slot (the layout before batching), llama-server with 4 slots
+  (`-c` 4 x 8192, continuous batching) and 1, llama-cpp-python's server (flash attention on,
+  `interrupt_requests` off: on, a new request cuts the streaming one short). The systems take
+  turns level by level; the order rotates every round.
+- **stop 1 of the busy slots**: Edison as shipped, all slots but one decoding long counting
+  replies; one more request (a ~4,000-token prompt, or a counting reply) takes the last slot and
+  is cancelled or disconnected in its prefill (a random moment after the send) or its decode
+  (after 2-24 tokens); rows go by the phase it was really in. → its slot free: until
+  `/health?verbose=1` (polled every ~5 ms) shows no slot holding it; the worker frees it only by
+  its `Cancelled`, sent once the sequence has left the batch. Others' gaps: between the other
+  streams' token arrivals; "around it" = under way at the stop or starting within 0.5 s of it
+  (or of the slot's release); the median is over the whole trial.
+- **memory per slot**: one worker with S slots (each its 8,192-token KV cache), RSS/PSS/USS of
+  the worker idle and with 1..S slots decoding; "slot S configured" compares S slots to S-1.
 """

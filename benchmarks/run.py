@@ -4,7 +4,8 @@ one table and writes the JSON (raw samples, machine info) and the chart to bench
 Sections, in order: throughput (decode speed and the prefill of a ~6,000-token prompt) and
 memory of the head-to-head systems (they also warm them up), stop during decode, stop during
 prefill (the headline), recovery (a short request right after an abandoned long one), wedged
-workers, Edison's memory with 1/2/4 workers, Edison under load.
+workers, Edison's memory with 1/2/4 workers, Edison under load, and concurrency (many clients
+at once on each system, one stop among busy slots, memory per slot: benchmarks/concurrency.py).
 The head-to-head systems are measured interleaved, trial by trial, so that contention from
 other work on the machine hits them alike.
 
@@ -33,14 +34,15 @@ from typing import Any
 
 import psutil
 
-from benchmarks import llama_server, report, scenarios
+from benchmarks import concurrency, llama_server, report, scenarios
 from benchmarks.plan import FULL, QUICK, Plan
 from benchmarks.systems import SYSTEMS, Edison, InProcess, System
 from benchmarks.workload import long_message
 from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "decode", "prefill", "recovery", "wedge", "memory", "load")
+SECTIONS = ("throughput", "decode", "prefill", "recovery", "wedge", "memory", "load", "concurrency")
+HEAD_TO_HEAD = ("throughput", "decode", "prefill", "recovery", "wedge", "memory")  # on the --systems, all started at once
 
 
 class Progress:
@@ -72,7 +74,8 @@ class Run:
         self.threads: int = args.threads
         self.rng = random.Random(args.seed)
         self.trials: dict[str, Any] = {
-            s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "recovery", "wedge", "load")
+            s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "recovery", "wedge", "load",
+                            "concurrency", "slot_stop", "slot_memory")
         }
         self.trials["lag"] = {"idle": [], "loaded": []}
         self.errors: list[dict[str, Any]] = []
@@ -95,8 +98,10 @@ class Run:
             "wedge": 2 * p.wedge_trials,
             "memory": len(p.memory_workers) + 1,
             "load": p.load_trials + 1,
+            "concurrency": concurrency.steps(p, 2 + 2 * ("llama-server" in self.args.systems)
+                                             + ("llama-cpp-server" in self.args.systems)),
         }
-        return 1 + sum(v for k, v in counts.items() if self.wants(k))
+        return any(self.wants(s) for s in HEAD_TO_HEAD) + sum(v for k, v in counts.items() if self.wants(k))
 
     # Processes.
 
@@ -150,6 +155,16 @@ class Run:
         if "llama-server" in self.args.systems and not llama_server.binary_path().exists():
             self.progress.show("building llama-server from llama-cpp-python's sdist (first time only, 10-15 min)")
             llama_server.ensure_built(self.workdir / "llama-server-build.log")
+        if any(self.wants(s) for s in HEAD_TO_HEAD):
+            self.head_to_head_sections(systems, edison, inproc)
+        if self.wants("memory"):
+            self.memory_scaling()
+        if self.wants("load"):
+            self.load()
+        if self.wants("concurrency"):
+            concurrency.section(self)
+
+    def head_to_head_sections(self, systems: list[System], edison: Edison, inproc: InProcess) -> None:
         self.progress.show("starting the head-to-head systems")
         self.start(*systems, inproc)
         self.progress.step("started")
@@ -169,10 +184,6 @@ class Run:
         if self.wants("wedge"):
             self.wedge(edison)
         self.stop(*systems)
-        if self.wants("memory"):
-            self.memory_scaling()
-        if self.wants("load"):
-            self.load()
 
     def _make(self, name: str) -> System:
         return SYSTEMS[name](self.model, self.threads, self.workdir)
@@ -336,13 +347,13 @@ def machine_info(model: ModelSettings, threads: int, overrides: dict[str, Any]) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Edison's stop-latency benchmarks.")
-    parser.add_argument("--quick", action="store_true", help="a small subset of everything (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a small subset of everything (about 5 minutes)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads for every system (default: %(default)s)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: %(default)s")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections, from: %(default)s")
     parser.add_argument("--seed", type=int, default=None, help="random seed for the stop moments")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON, chart and logs go")
-    parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md and its chart")
+    parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md, its chart and RESULTS.json")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report (and --publish) a saved run's JSON")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one of Edison's settings (as in config.toml), e.g. --set model.n_ubatch=512")
@@ -434,7 +445,9 @@ def report_run(results: dict[str, Any], args: argparse.Namespace, json_path: Pat
         target = HERE / "RESULTS.md"
         previous = target.read_text() if target.exists() else ""
         target.write_text(report.results_markdown(results, rows, "stop_latency.png", previous))
-        print(f"Published {target}")
+        # The published run's raw samples beside it, committed with it (results/ is not).
+        report.write_json(HERE / "RESULTS.json", results, rows)
+        print(f"Published {target} and {HERE / 'RESULTS.json'}")
 
 
 def report_saved(args: argparse.Namespace) -> int:

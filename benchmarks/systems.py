@@ -3,12 +3,15 @@
 A `System` is an HTTP server in its own process(es), started by the benchmark on a free
 loopback port. It can `open` a streaming request (an `SSEStream`, normalised to
 init/token/progress/queued/done events), maybe `cancel` it, name the process that does the
-computing for it (`compute_pid`), and list its processes for the memory table. Adding
-another system is one more subclass here and one more entry in `SYSTEMS`.
+computing for it (`compute_pid`), and list its processes for the memory table. Every system
+also answers `open_completion`: the same greedy reply through its OpenAI-style streaming
+`/v1/completions`, which the concurrency section sends to all of them alike. Adding another
+system is one more subclass here and one more entry in `SYSTEMS`.
 
 Every system gets the same model file and thread count. Edison (and the in-process reference)
 run Edison's [model] settings from config.toml, with the run's `--set` overrides; the others
-run their own defaults, as their users would.
+run their own defaults, as their users would, plus what their API offers to be at their best
+(flash attention for llama-cpp-python's server and the seed; llama-server turns it on itself).
 
 Every process is started through a small shim that sets PR_SET_PDEATHSIG, so even a
 benchmark that is SIGKILLed leaves no server behind; `stop()` ends what it started by pid.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +61,15 @@ def http_json(port: int, method: str, path: str, body: Any = None, timeout: floa
             return response.status, raw.decode(errors="replace")
     finally:
         conn.close()
+
+
+def metric(port: int, name: str) -> float:
+    """One unlabelled series of Edison's /metrics (0 if absent)."""
+    _, text = http_json(port, "GET", "/metrics")
+    for line in str(text).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -133,7 +146,8 @@ class System:
     def launch(self) -> None:
         self.port = free_port()
         self.starts += 1
-        self.process = Process(self.argv(), self.workdir / f"{self.name}-{self.starts}.log")
+        slug = re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")  # two layouts of one system: two logs
+        self.process = Process(self.argv(), self.workdir / f"{slug}-{self.starts}.log")
         self.process.start()
 
     def is_ready(self) -> bool:
@@ -170,6 +184,15 @@ class System:
     def cancel(self, stream: SSEStream) -> dict[str, Any]:
         raise NotImplementedError(f"{self.name} has no cancel; only a disconnect stops it")
 
+    def completion_body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        return {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stop": STOPS, **SAMPLING}
+
+    def open_completion(self, message: str, max_tokens: int) -> SSEStream:
+        """A streaming `/v1/completions` of the message's transcript: the one wire format every
+        system here speaks, so the concurrency section asks them all the same way."""
+        return SSEStream(self.port, "/v1/completions", self.completion_body(transcript(message), max_tokens),
+                         translate=openai_events)
+
     def compute_pid(self, stream: SSEStream) -> int:
         assert self.process
         return self.process.pid  # one process does everything
@@ -186,18 +209,20 @@ class Edison(System):
     name = "edison"
 
     def __init__(
-        self, model: ModelSettings, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16, slots: int = 4
+        self, model: ModelSettings, threads: int, workdir: Path, workers: int = 1, queue_size: int = 16, slots: int = 4,
+        pool: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, threads, workdir)
         self.workers = workers
         self.slots = slots
         self.queue_size = queue_size
+        self.pool = pool or {}  # more [pool] settings (the soak runs config.toml's whole [pool])
         self.config_path = workdir / f"edison-{workers}w-{threads}t-{slots}s.toml"
         self.worker_pids: set[int] = set()
 
     @property
     def label(self) -> str:
-        return f"edison ({self.workers}x{self.threads}, {self.slots} slots)"
+        return f"edison ({self.workers}x{self.threads}, {self.slots} slot{'s' if self.slots != 1 else ''})"
 
     def config(self) -> str:
         modes = "".join(
@@ -210,11 +235,13 @@ class Edison(System):
             f'default_mode = "n{LONG_REPLY}"\n'
             '[server]\nhost = "127.0.0.1"\nlog_level = "info"\n'
             "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
-            + f"[pool]\nworkers = {self.workers}\nslots = {self.slots}\nqueue_size = {self.queue_size}\n"
-            "cancel_deadline_s = 1.0\n"
-            "kill_grace_s = 0.2\nprefill_chunk = 512\n"
-            "[debug]\nallow_wedge = true\n" + modes
+            + "[pool]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.pool_settings().items())
+            + "[debug]\nallow_wedge = true\n" + modes
         )
+
+    def pool_settings(self) -> dict[str, Any]:
+        base = {"cancel_deadline_s": 1.0, "kill_grace_s": 0.2, "prefill_chunk": 512}
+        return {**base, **self.pool, "workers": self.workers, "slots": self.slots, "queue_size": self.queue_size}
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "edison", "serve", "--config", str(self.config_path), "--port", str(self.port)]
@@ -248,6 +275,18 @@ class Edison(System):
         request_id = stream.wait_for("init", 30).data["request_id"]
         return http_json(self.port, "POST", "/chat/cancel", {"request_id": request_id})[1]
 
+    def completion_body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """Edison's /v1 takes the OpenAI fields only: top_k, min_p and repeat_penalty come from the
+        mode (`edison-n<len>`, built from SAMPLING); usage tells how many tokens a chunk merged."""
+        mode = min((n for n in REPLY_LENGTHS if n >= max_tokens), default=LONG_REPLY)
+        openai = {k: SAMPLING[k] for k in ("temperature", "top_p", "seed")}
+        return {"model": f"edison-n{mode}", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                "stop": STOPS, "stream_options": {"include_usage": True}, **openai}
+
+    def kills(self) -> float:
+        """`edison_worker_kills_total` from /metrics: workers the pool itself killed."""
+        return metric(self.port, "edison_worker_kills_total")
+
     def compute_pid(self, stream: SSEStream) -> int:
         """The worker running this request, from /health?verbose=1."""
         request_id = stream.wait_for("init", 30).data["request_id"]
@@ -276,13 +315,14 @@ class Edison(System):
 
 
 class Seed(System):
-    """The seed's design: benchmarks/baselines/seed_server.py."""
+    """The seed's design: benchmarks/baselines/seed_server.py, with flash attention on (its
+    `Llama` takes it). It has no /v1: `open_completion` is its own stream, the same request."""
 
     name = "seed"
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "benchmarks.baselines.seed_server", "--model", self.model.path,
-                "--threads", str(self.threads), "--port", str(self.port)]
+                "--threads", str(self.threads), "--flash-attn", "--port", str(self.port)]
 
     def is_ready(self) -> bool:
         return http_json(self.port, "GET", "/", timeout=2)[0] == 404  # uvicorn answers once the model is loaded
@@ -295,10 +335,15 @@ class Seed(System):
         request_id = stream.wait_for("init", 30).data["request_id"]
         return http_json(self.port, "POST", "/chat/cancel", {"request_id": request_id})[1]
 
+    def open_completion(self, message: str, max_tokens: int) -> SSEStream:
+        return self.open(message, max_tokens)
+
 
 class LlamaCppServer(System):
     """llama-cpp-python's bundled OpenAI-compatible server. It has no cancel: a client stops
-    a generation only by disconnecting."""
+    a generation only by disconnecting. It runs one generation at a time; by default a new
+    request *interrupts* the one streaming (`interrupt_requests`), which would cut concurrent
+    replies short, so it is off here and requests wait their turn instead."""
 
     name = "llama-cpp-server"
     can_cancel = False
@@ -306,9 +351,11 @@ class LlamaCppServer(System):
     def argv(self) -> list[str]:
         # --logits_all False: its default (True) also computes and copies the logits of every
         # prompt token, which would make its prefill slower than the others' and the fight unfair.
+        # --flash_attn True: off by default there, and ~1.5x faster prefill here (config.toml).
         return [sys.executable, "-m", "llama_cpp.server", "--model", self.model.path, "--n_ctx", "8192",
                 "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads), "--n_batch", "512",
-                "--n_ubatch", "512", "--logits_all", "False", "--port", str(self.port), "--host", "127.0.0.1"]
+                "--n_ubatch", "512", "--logits_all", "False", "--flash_attn", "True",
+                "--interrupt_requests", "False", "--port", str(self.port), "--host", "127.0.0.1"]
 
     def is_ready(self) -> bool:
         return http_json(self.port, "GET", "/v1/models", timeout=2)[0] == 200
@@ -326,21 +373,51 @@ def _openai_events(name: str, data: str, at: float) -> Event | None:
     return Event("token", {"t": text}, at) if text else None
 
 
+def openai_events(name: str, data: str, at: float) -> Event | None:
+    """Streaming `/v1/completions` of any system: `init` (a chunk with no text and no finish, as
+    Edison sends first: its `id` is the request id `/chat/cancel` takes), `token`, `finish` (the
+    finish_reason, and usage if the chunk has it), `usage` (a choiceless usage chunk), `done`
+    ([DONE]), or `done` with ok false for an error object."""
+    if data.strip() == "[DONE]":
+        return Event("done", {"ok": True}, at)
+    chunk = json.loads(data)
+    if "error" in chunk:
+        return Event("done", {"ok": False, "error": chunk["error"]}, at)
+    if not chunk.get("choices"):
+        return Event("usage", chunk.get("usage") or {}, at)
+    choice = chunk["choices"][0]
+    if choice.get("finish_reason"):
+        return Event("finish", {"finish_reason": choice["finish_reason"], "usage": chunk.get("usage"),
+                                "text": choice.get("text") or ""}, at)
+    if choice.get("text"):
+        return Event("token", {"t": choice["text"]}, at)
+    return Event("init", {"request_id": chunk.get("id")}, at)
+
+
 class LlamaServer(System):
     """llama.cpp's own C++ server, built by benchmarks/llama_server.py from the llama.cpp that
     llama-cpp-python vendors. Its own defaults (flash attention auto, -b 2048 -ub 512, a
-    window-sized SWA cache), one slot. No cancel: a client stops a generation by disconnecting."""
+    window-sized SWA cache, continuous batching), one slot unless `parallel` says more. No cancel:
+    a client stops a generation by disconnecting."""
 
     name = "llama-server"
     can_cancel = False
+
+    def __init__(self, model: ModelSettings, threads: int, workdir: Path, parallel: int = 1) -> None:
+        super().__init__(model, threads, workdir)
+        self.parallel = parallel  # slots; -c grows with them so that each keeps an 8192 context
+
+    @property
+    def label(self) -> str:
+        return self.name if self.parallel == 1 else f"{self.name} -np {self.parallel}"
 
     def launch(self) -> None:
         llama_server.ensure_built(self.workdir / "llama-server-build.log")
         super().launch()
 
     def argv(self) -> list[str]:
-        return [str(llama_server.binary_path()), "--model", self.model.path, "--ctx-size", "8192",
-                "--threads", str(self.threads), "--threads-batch", str(self.threads), "--parallel", "1",
+        return [str(llama_server.binary_path()), "--model", self.model.path, "--ctx-size", str(8192 * self.parallel),
+                "--threads", str(self.threads), "--threads-batch", str(self.threads), "--parallel", str(self.parallel),
                 "--no-ui", "--host", "127.0.0.1", "--port", str(self.port)]
 
     def is_ready(self) -> bool:

@@ -1,6 +1,7 @@
 """`python -m benchmarks --quick` runs end to end: every system starts (llama.cpp's own server
 included, built from source the first time), every section measures something, and the JSON
-and the chart are written. Needs the `bench` extra (matplotlib and llama-cpp-python's server);
+and the chart are written. `python -m benchmarks.soak` runs 100 mixed cycles against one
+service and finds nothing leaked, and no kill that no fault asked for. Needs the `bench` extra (matplotlib and llama-cpp-python's server);
 skipped without it. Not a performance test: numbers on a shared
 machine are noise, so nothing here asserts a latency.
 """
@@ -34,7 +35,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path, llama_server_binary: Pa
     assert llama_server_binary.is_file()
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--seed", "7"],
-        cwd=REPO, capture_output=True, text=True, timeout=580,
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
     assert "prefill ~6k tok" in run.stdout and "cancel → CPU idle" in run.stdout
@@ -71,3 +72,43 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path, llama_server_binary: Pa
     assert {r["role"] for r in trials["memory"]} >= {"web", "worker 0", "server"}
     assert trials["load"] and trials["load"][0]["reject_status"] == 503
     assert trials["lag"]["idle"] and trials["lag"]["loaded"]
+
+    concurrency = [r for r in trials["concurrency"] if "error" not in r]
+    systems = set(trials["concurrency_systems"])
+    assert {s.split(" ")[0] for s in systems} >= {"edison", "llama-server", "llama-cpp-server"}
+    assert "llama-server -np 4" in systems and "edison (2x1, 1 slot)" in systems
+    for label in systems:
+        assert {r["clients"] for r in concurrency if r["system"] == label} == {1, 2, 4, 8}, label
+    assert all(r["aggregate_tokens_per_s"] > 0 and len(r["ttft_s"]) == r["clients"] for r in concurrency)
+    assert "concurrency c=4" in run.stdout and "edison / llama-server -np 4 (p50s)" in run.stdout
+
+    stops = trials["slot_stop"]
+    assert {(r["phase"], r["how"]) for r in stops} == {(p, h) for p in ("prefill", "decode") for h in ("cancel", "disconnect")}
+    for r in stops:
+        assert r["stop_to_slot_free_s"] is not None and r["others_ok"] and r["same_worker"], r
+        assert r["others_longest_gap_around_stop_s"] is not None and r["others_median_gap_s"] > 0
+    assert all(r["cancel_to_done_s"] is not None for r in stops if r["how"] == "cancel")
+    assert "stop 1 of the busy slots" in run.stdout
+
+    memory = trials["slot_memory"]
+    assert {(r["slots"], r["busy"]) for r in memory} >= {(4, 0), (4, 1), (4, 4), (3, 3)}
+    assert "slot 4 configured" in run.stdout
+
+
+@pytest.mark.timeout(2400)
+def test_soak_of_100_cycles_leaks_nothing(tmp_path: Path) -> None:
+    """About 3 minutes on a quiet 2-core machine: every kind of cycle, a few worker SIGKILLs."""
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--cycles", "100", "--prompt-tokens", "1000", "--out", str(tmp_path),
+         "--seed", "7"],
+        cwd=REPO, capture_output=True, text=True, timeout=2200,
+    )
+    written = list(tmp_path.glob("soak-*.json"))
+    assert written, f"no JSON written (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    result = json.loads(written[0].read_text())
+    assert run.returncode == 0, f"{result['verdict']}\nstdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert result["verdict"] == {"ok": True, "problems": []}
+    assert sum(result["counts"].values()) == 100 and len(result["counts"]) >= 6
+    assert result["faults"]["sigkill"] >= 1 and result["counters_delta"]["edison_resumed_total"] >= 1
+    assert result["after"]["health"]["active_requests"] == 0
+    assert {"web", "worker 0"} <= set(result["after"]["processes"])

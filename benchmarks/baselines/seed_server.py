@@ -5,7 +5,7 @@ A cancel (or a disconnect, through the stream's `finally`) sets the flag; the ge
 thread sees it at the next token. Nothing can see it during the prefill, which runs inside
 one call into llama.cpp: that is what the benchmark measures.
 
-    python -m benchmarks.baselines.seed_server --model PATH --threads 2 --port 8000
+    python -m benchmarks.baselines.seed_server --model PATH --threads 2 --flash-attn --port 8000
 """
 
 from __future__ import annotations
@@ -83,9 +83,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--flash-attn", action="store_true", help="the seed's Llama takes it: the benchmark turns it on")
     args = parser.parse_args()
     LLM = llama_cpp.Llama(args.model, n_ctx=args.n_ctx, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+                          n_threads_batch=args.threads, flash_attn=args.flash_attn, verbose=False)
     routes = [Route("/chat/stream", chat_stream, methods=["POST"]), Route("/chat/cancel", chat_cancel, methods=["POST"])]
     uvicorn.run(Starlette(routes=routes), host="127.0.0.1", port=args.port, log_level="warning")
 
