@@ -161,6 +161,8 @@ class Pool:
         return worker, slot
 
     def _dispatch(self, request: Request, worker: WorkerHandle, slot: int) -> None:
+        if not worker.busy:  # the stall clock starts when the worker gets work, not at its last word
+            worker.last_heard = time.monotonic()
         worker.slots[slot] = request
         request.worker, request.slot = worker, slot
         request.dispatched_at = request.dispatched_at or time.monotonic()
