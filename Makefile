@@ -53,6 +53,7 @@ install-service: setup
 # Stop latency per phase, side by side with the alternatives; BENCH_ARGS=--quick for a short run.
 bench: setup
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
+	$(VENV)/bin/python -m benchmarks.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

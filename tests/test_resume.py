@@ -157,3 +157,13 @@ def test_worker_that_crashes_after_ready_backs_off_then_is_given_up(make_service
     health = svc.health()
     assert health["status"] == "unavailable" and health["workers"]["given_up"] == 1
     assert not alive(seen[-1])
+
+
+def test_a_worker_idle_past_the_stall_timeout_is_not_stalled(make_service: MakeService) -> None:
+    """Silence counts only while there is work: the clock restarts when an idle worker gets a job."""
+    svc = make_service({"pool": {"workers": 1, "slots": 2, "stall_timeout_s": 2.0}})
+    pid = svc.worker_pids()[0]
+    time.sleep(3.0)  # idle, longer than the stall timeout
+    assert chat(svc.url, COUNTING, mode="count")[-1].data["ok"] is True
+    assert svc.worker_pids() == [pid]
+    assert "sent nothing for" not in svc.log()
