@@ -24,6 +24,7 @@ export class Sidebar {
     const migrated = migrateV1(this.list);
     const id = migrated ? migrated.id : loadCurrentId();
     this.current = this.list.find((c) => c.id === id) || this.latest() || newConversation();
+    if (this.list.includes(this.current)) saveCurrentId(this.current.id);
     this.query = "";
     this.wire();
   }
@@ -62,11 +63,9 @@ export class Sidebar {
   }
 
   newChat() {
-    if (!this.current.messages?.length && !this.list.includes(this.current)) {
-      this.hooks.open(this.current); // already a fresh one
-      return;
-    }
-    this.select(newConversation());
+    if (this.current.messages?.length || this.list.includes(this.current)) this.select(newConversation());
+    else this.setOpen(false); // already a fresh one
+    $("input").focus();
   }
 
   rename(conversation, title) {

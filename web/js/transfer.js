@@ -1,7 +1,7 @@
 // Export and import of conversations: JSON (everything the page keeps, round-trips exactly)
 // and Markdown (for reading and sharing; imports back as text, without reply states).
 
-import { cleanMessages, newConversation } from "./store.js";
+import { cleanMessages, newConversation, titleFrom } from "./store.js";
 
 const FORMAT = "edison.conversations";
 const HEADINGS = { user: "## You", assistant: "## Edison" };
@@ -54,8 +54,7 @@ function fromJson(text) {
   for (const item of list) {
     const messages = cleanMessages(item?.messages);
     if (!messages.length) continue;
-    const conversation = newConversation(messages, typeof item.title === "string" && item.renamed ? item.title : "");
-    if (typeof item.title === "string" && item.title.trim()) conversation.title = item.title.trim().slice(0, 200);
+    const conversation = withTitle(newConversation(messages), item.title);
     if (Number.isFinite(item.created)) conversation.created = item.created;
     out.push(conversation);
   }
@@ -89,8 +88,16 @@ function fromMarkdown(text) {
   }
   const clean = cleanMessages(messages);
   if (!clean.length) throw new Error("no \"## You\" or \"## Edison\" section found in the Markdown");
-  const conversation = newConversation(clean);
-  if (title) conversation.title = title.slice(0, 200);
+  return withTitle(newConversation(clean), title);
+}
+
+/** An imported title is kept; it counts as a rename unless it is the one the page would give. */
+function withTitle(conversation, title) {
+  const clean = typeof title === "string" ? title.trim().replace(/\s+/g, " ").slice(0, 200) : "";
+  if (clean && clean !== titleFrom(conversation.messages)) {
+    conversation.title = clean;
+    conversation.renamed = true;
+  }
   return conversation;
 }
 
