@@ -252,6 +252,7 @@ function endTurn(t) {
   if (t.conversation.messages.includes(reply)) sidebar.save(t.conversation);
   const last = t.conversation.messages[t.conversation.messages.length - 1] === reply;
   fill(t.view, reply, { last });
+  t.view.querySelector(".progress")?.remove(); // the state line says where a prefill stopped
   t.view.removeAttribute("aria-busy");
   t.view.dataset.tokens = String(t.tokens);
   setBusy(false);
@@ -430,7 +431,7 @@ log.addEventListener("click", async (event) => {
   const index = Number(view.dataset.index);
   const message = sidebar.conversation.messages[index];
   if (target.classList.contains("copy-code")) {
-    await copied(target, target.closest(".codeblock").querySelector("pre").textContent);
+    await copied(target, target.closest(".codeblock").querySelector("pre").textContent.replace(/\n$/, ""));
   } else if (target.classList.contains("copy-reply") && message) {
     await copied(target, message.content);
   } else if (target.classList.contains("regenerate")) {

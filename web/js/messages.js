@@ -49,7 +49,7 @@ export function fill(view, message, { last = false } = {}) {
     state.textContent = `Error: ${message.error || "unknown error"}`;
   } else if (empty) {
     view.dataset.empty = "true";
-    state.textContent = "Empty reply: the model ended without writing anything.";
+    state.textContent = "Empty reply: the model ended without writing any text.";
   }
   const parts = [];
   if (message.mode) parts.push(`mode: ${message.mode}`);

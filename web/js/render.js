@@ -64,6 +64,8 @@ export function renderMarkdown(text) {
 /** A code block gets a bar with its language (or "code") and a Copy button. */
 function wrapCode(pre) {
   const code = pre.querySelector("code");
+  const tail = code?.lastChild;
+  if (tail?.nodeType === Node.TEXT_NODE) tail.data = tail.data.replace(/\n$/, ""); // marked ends every block with one
   const language = /(?:^|\s)language-([\w+#.-]{1,30})/.exec(code?.className || "")?.[1] || "";
   const block = el("div", "codeblock");
   const bar = el("div", "codebar");
