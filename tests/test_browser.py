@@ -274,7 +274,15 @@ def test_stop_cancels_on_the_server_and_the_worker_goes_idle(
     assert kept.strip() and tokens >= 5
     assert reply.locator(".state").inner_text() == f"stopped after {tokens} tokens"
     assert page.inner_text("#send") == "Send"
-    assert any(f"Request {request_id} stopped, said the server" in line for line in chat.console), chat.console
+    said = [line for line in chat.console if line.startswith(f"Request {request_id} stopped, said the server")]
+    assert said, chat.console
+    # The tier, when the server sends one (`stopped_by`), is shown in small print.
+    tier = re.search(r"stopped_by: ([\w ]+)\)", said[0]).group(1)
+    meta = reply.locator(".meta").inner_text()
+    if tier == "not sent":
+        assert "stop tier" not in meta, meta
+    else:
+        assert tier in ("token", "native", "chunk", "kill") and f"stop tier: {tier}" in meta, (tier, meta)
     assert stream.request.failure is None  # ended by `done`, not by an abort
     chat.wait_until(lambda: f"Cancelled request {request_id} on server (cancelled)" in chat.console, what="the cancel log")
     stored = chat.stored()[-1]

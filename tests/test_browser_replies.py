@@ -186,7 +186,11 @@ def test_markdown_lists_tables_code_and_links_render(
 ) -> None:
     chat = open_chat(service)
     page = chat.page
-    chat.preload([user("Format something"), assistant(MARKDOWN, stats={"ttftMs": 412, "tokens": 96, "perSecond": 41.7})])
+    chat.preload([user("Why is the sky blue?"), assistant("Rayleigh scattering: blue light scatters most.")])
+    chat.preload([user("Plan a weekend in Lyon"), assistant("Day one: Vieux Lyon and Fourvière.", state="stopped",
+                                                            stopNote="after 12 tokens")])
+    chat.preload([user("Show a plan with a table, a list and some code"),
+                  assistant(MARKDOWN, stats={"ttftMs": 412, "tokens": 96, "perSecond": 41.7})])
     body = ".msg.assistant .body"
     assert page.inner_text(f"{body} h2") == "Plan"
     assert page.inner_text(f"{body} em") == "emphasis" and page.inner_text(f"{body} strong") == "strong"
@@ -206,6 +210,7 @@ def test_markdown_lists_tables_code_and_links_render(
     ]
     assert page.inner_text(".msg.assistant .meta") == "mode: chat · first token 0.41 s · 41.7 tokens/s · 96 tokens"
     chat.shot(tmp_path / "markdown.png", "chat-markdown.png")
+    chat.shot(tmp_path / "screenshot.png", "screenshot.png")  # the README's picture
 
 
 def test_an_empty_reply_says_so(service: Service, open_chat: Callable[..., ChatPage], tmp_path: Path) -> None:

@@ -246,6 +246,7 @@ function endTurn(t) {
   if (reply.state === "error") console.error(`Request ${t.requestId ?? "(no id)"} failed: ${reply.error}`);
   if (reply.state === "stopped") {
     reply.stopNote = stopNote({ stoppedBy: t.stoppedBy, tokens: t.tokens, prefill: t.prefill?.real ?? 0, queued: t.queued });
+    reply.stoppedBy = t.stoppedBy; // the server's cancellation tier, when its `done` said it
   }
   reply.stats = measure({ sentAt: t.sentAt, firstAt: t.firstAt, lastAt: t.lastAt || performance.now(), tokens: t.tokens });
   turn = null;

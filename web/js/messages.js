@@ -54,6 +54,7 @@ export function fill(view, message, { last = false } = {}) {
   const parts = [];
   if (message.mode) parts.push(`mode: ${message.mode}`);
   if (message.finish) parts.push(message.finish);
+  if (message.state === "stopped" && message.stoppedBy) parts.push(`stop tier: ${message.stoppedBy}`);
   const speed = statsLine(message.stats);
   if (speed) parts.push(speed);
   meta.textContent = parts.join(" · ");

@@ -88,6 +88,8 @@ export class Sidebar {
     const wasCurrent = conversation === this.current;
     if (wasCurrent) this.select(this.latest() || newConversation());
     else this.render();
+    // The focused Delete button is gone: focus the list's first entry (or New chat).
+    ($("conversations").querySelector(".conv-open") || $("new-chat")).focus();
     this.hooks.notify(`Deleted “${conversation.title}”.`, () => {
       conversation.deleted = false;
       this.list.splice(Math.min(position, this.list.length), 0, conversation);

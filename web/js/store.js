@@ -65,6 +65,7 @@ export function cleanMessage(m) {
     error: str(m.error),
     finish: str(m.finish),
     stopNote: str(m.stopNote),
+    stoppedBy: str(m.stoppedBy),
   };
   if (m.stats && typeof m.stats === "object") {
     const n = (v) => (Number.isFinite(v) ? v : null);
