@@ -501,6 +501,7 @@ def test_phone_screen_dark_scheme_and_keyboard(service: Service, open_chat: Call
     page.wait_for_selector("#new-chat", state="visible")
     assert page.get_attribute("#sidebar-toggle", "aria-expanded") == "true"
     assert chat.titles() == ["a" * 59 + "…"]
+    page.wait_for_function("() => getComputedStyle(document.getElementById('sidebar')).transform === 'none'")  # slid in
     chat.shot(tmp_path / "phone-list.png", "chat-phone-list.png")
     page.keyboard.press("Escape")
     page.wait_for_selector("#new-chat", state="hidden")

@@ -184,7 +184,7 @@ See [the docs](https://example.com/docs) or <https://example.org>.
 def test_markdown_lists_tables_code_and_links_render(
     service: Service, open_chat: Callable[..., ChatPage], tmp_path: Path
 ) -> None:
-    chat = open_chat(service)
+    chat = open_chat(service, viewport={"width": 1100, "height": 860})  # the README's picture: the whole reply
     page = chat.page
     chat.preload([user("Why is the sky blue?"), assistant("Rayleigh scattering: blue light scatters most.")])
     chat.preload([user("Plan a weekend in Lyon"), assistant("Day one: Vieux Lyon and Fourvière.", state="stopped",
