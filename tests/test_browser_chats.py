@@ -65,6 +65,7 @@ def test_conversations_are_created_switched_renamed_searched_and_kept(
     chat.shot(tmp_path / "rename.png", "chat-rename.png")
     page.press(".rename-input", "Enter")
     assert chat.titles()[0] == "Greetings" and page.inner_text("#chat-title") == "Greetings"
+    assert page.title() == "Greetings · Edison"
     conv(chat, "Greetings").locator(".conv-rename").click()
     page.fill(".rename-input", "Not this")
     page.press(".rename-input", "Escape")

@@ -101,7 +101,9 @@ def test_edit_resends_from_that_message_and_replaces_what_followed(
     assert page.evaluate("document.activeElement.className").startswith("edit")  # back on its Edit button
 
     # The second question, edited: the first exchange goes as history, "4" is replaced.
-    page.locator(".msg.user .edit").nth(1).click()
+    page.locator(".msg.user .edit").first.click()
+    page.click(".msg.user[data-index='2'] .edit")  # the first editor closes: one at a time
+    assert page.locator(".edit-box").count() == 1 and page.input_value(".edit-box") == "What is 2+2?"
     page.fill(".edit-box", FRANCE)
     chat.shot(tmp_path / "editing.png", "chat-edit.png")
     with page.expect_request(lambda r: r.url.endswith("/chat/stream")) as request_info:

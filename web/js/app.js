@@ -158,6 +158,8 @@ function finishFromDone(t, data) {
   } else if (data.stopped) {
     reply.content = data.response ?? reply.content;
     reply.state = "stopped";
+    // The model's own count when the server sends it (a token event can carry several tokens).
+    if (Number.isFinite(data.usage?.completion_tokens)) t.tokens = data.usage.completion_tokens;
     t.stoppedBy = typeof data.stopped_by === "string" ? data.stopped_by : "";
     console.log(`Request ${t.requestId} stopped, said the server (stopped_by: ${t.stoppedBy || "not sent"})`);
   } else {
@@ -440,7 +442,9 @@ log.addEventListener("click", async (event) => {
   } else if (target.classList.contains("show-all")) {
     setCollapsed(view, target, !view.classList.contains("collapsed"), message.content.length);
   } else if (target.classList.contains("edit") && message && !turn) {
-    startEdit(view, message, (text) => editAndSend(index, text), () => {
+    renderConversation(); // one editor at a time
+    const fresh = log.querySelector(`.msg[data-index="${index}"]`);
+    startEdit(fresh, message, (text) => editAndSend(index, text), () => {
       renderConversation();
       log.querySelector(`.msg[data-index="${index}"] .edit`)?.focus();
     });

@@ -123,6 +123,7 @@ export class Sidebar {
     if (this.query.trim()) note.textContent = `${found.length} of ${this.list.length} conversation${this.list.length === 1 ? "" : "s"} match`;
     else note.textContent = this.list.length ? "" : "No saved conversations yet.";
     $("chat-title").textContent = this.current.title;
+    document.title = this.current.messages?.length ? `${this.current.title} · Edison` : "Edison";
   }
 
   item(conversation, snippetText) {
