@@ -11,6 +11,7 @@ Screenshots go to each test's tmp_path; with EDISON_DOCS_SHOTS=1 also to docs/ (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from edison.settings import PoolSettings
 from tests.support import COUNTING, REPO, Service, Stream, long_prompt, wait_busy, wait_idle
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,6 +37,11 @@ MESSAGES_PREFIX = "edison.conversation.v2."
 API_KEY_STORAGE = "edison.apiKey"  # web/js/auth.js
 WAIT_MS = 30_000  # any single page wait; the machine is small and shared
 DOCS = REPO / "docs"
+# One worker with one slot, so a second request waits in the queue. `slots` (continuous
+# batching) exists once the batching work is merged; before that a worker has one sequence.
+ONE_SEQUENCE: dict[str, Any] = {"workers": 1}
+if "slots" in {f.name for f in dataclasses.fields(PoolSettings)}:
+    ONE_SEQUENCE["slots"] = 1
 DOCS_SHOTS = os.environ.get("EDISON_DOCS_SHOTS") == "1"
 
 # Checked at collection, so a skip starts no service.
@@ -357,7 +364,7 @@ def test_http_error_answer_is_shown(service: Service, open_chat: Callable[..., C
 def test_queue_and_prompt_progress_show_then_a_dead_worker_is_an_error(
     make_service: Callable[..., Service], open_chat: Callable[..., ChatPage], tmp_path: Path
 ) -> None:
-    svc = make_service({"pool": {"workers": 1, "prefill_chunk": 128}})  # small chunks: progress comes soon
+    svc = make_service({"pool": {**ONE_SEQUENCE, "prefill_chunk": 128}})  # small chunks: progress comes soon
     blocker = Stream(svc.url, {"message": COUNTING, "mode": "long"})  # takes the only worker
     blocker.wait_for("token")
     chat = open_chat(svc)
@@ -382,7 +389,7 @@ def test_queue_and_prompt_progress_show_then_a_dead_worker_is_an_error(
 
 
 def test_stop_in_a_queue_says_so(make_service: Callable[..., Service], open_chat: Callable[..., ChatPage]) -> None:
-    svc = make_service({"pool": {"workers": 1}})
+    svc = make_service({"pool": ONE_SEQUENCE})
     blocker = Stream(svc.url, {"message": COUNTING, "mode": "long"})  # takes the only worker
     blocker.wait_for("token")
     chat = open_chat(svc)

@@ -390,7 +390,9 @@ async function refreshHealth() {
     const response = await fetch("/health", { cache: "no-store" });
     const h = await response.json();
     const w = h.workers || {};
-    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}`;
+    // Slots (sequences a worker decodes together) when the server batches; older servers have none.
+    const slots = h.slots?.total ? ` · slots ${h.slots.busy ?? 0}/${h.slots.total} in use` : "";
+    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy${slots} · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}`;
     state = response.ok ? "ok" : "down";
     line = response.ok ? `ready · ${counts}` : `no worker ready (${response.status}) · ${counts}`;
   } catch (err) {

@@ -55,6 +55,7 @@ const TIERS = {
  * otherwise from what the page saw (tokens received, last prompt progress, queue).
  */
 export function stopNote({ stoppedBy, tokens, prefill, queued }) {
+  if (stoppedBy === "completed") return tokens > 0 ? `after ${tokens} token${tokens === 1 ? "" : "s"} (it had just finished)` : "(it had just finished)";
   if (tokens > 0) {
     const after = `after ${tokens} token${tokens === 1 ? "" : "s"}`;
     return stoppedBy === "kill" ? `${after} (the worker did not answer in time and was restarted)` : after;
