@@ -378,10 +378,19 @@ def test_queue_and_prompt_progress_show_then_a_dead_worker_is_an_error(
 
     svc.cancel(blocker.request_id)
     chat.wait_state_text(r"^reading prompt \d+ %$", timeout=60_000)
-    pid = svc.worker_for(request_id)
-    os.kill(pid, signal.SIGKILL)
-
-    chat.wait_reply_state("error")
+    # A lost worker's request is resumed once on a replacement (docs/design.md), so the worker
+    # running it is killed each time it shows up until the page reports the failure.
+    killed: set[int] = set()
+    deadline = time.monotonic() + 90
+    while chat.reply().get_attribute("data-state") != "error":
+        assert time.monotonic() < deadline and len(killed) <= 2, f"no error after killing {killed}"
+        running = [w["pid"] for w in svc.health(verbose=True)["worker_details"]
+                   if request_id in (w.get("request_ids") or [w.get("request_id")]) and w["pid"] not in killed]
+        for pid in running:
+            svc.known_pids.add(pid)
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        page.wait_for_timeout(50)
     state = chat.reply().locator(".state").inner_text()
     assert state.startswith("Error:") and "died" in state, state
     assert chat.stored()[-1]["state"] == "error"

@@ -37,7 +37,6 @@ const sidebar = new Sidebar({
   busyIn: (c) => Boolean(turn && turn.conversation === c),
   stopIn: (c) => { if (turn && turn.conversation === c) stop(true); },
   notify,
-  titleChanged: () => {},
 });
 
 // Rendering.
@@ -49,8 +48,7 @@ function renderConversation() {
   const lastReply = lastReplyIndex(conversation.messages);
   conversation.messages.forEach((message, i) => {
     if (turn && message === turn.reply) log.append(turn.view);
-    else log.append(messageView(message, i));
-    if (i === lastReply && !turn) fill(log.lastChild, message, { last: true });
+    else log.append(messageView(message, i, { last: i === lastReply }));
   });
   setBusy(Boolean(turn));
   scrollToEnd();

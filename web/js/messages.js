@@ -8,14 +8,15 @@ import { statsLine } from "./phases.js";
 const COLLAPSE_CHARS = 1200;
 const COLLAPSE_LINES = 14;
 
-export function messageView(message, index) {
+/** A message's view; `last` marks the conversation's last reply (it gets Regenerate). */
+export function messageView(message, index, { last = false } = {}) {
   const view = el("article", `msg ${message.role}`);
   view.dataset.role = message.role;
   view.dataset.index = String(index);
   view.setAttribute("aria-label", message.role === "user" ? "Your message" : "Edison's reply");
   view.append(el("h2", "who", message.role === "user" ? "You" : "Edison"), el("div", "body"),
     el("p", "state"), el("p", "meta"), el("div", "actions"));
-  fill(view, message);
+  fill(view, message, { last });
   return view;
 }
 

@@ -16,7 +16,7 @@ const $ = (id) => document.getElementById(id);
 export class Sidebar {
   /**
    * hooks: open(conversation) shows it; busyIn(conversation) says whether a reply is running
-   * there; stopIn(conversation) stops it; notify(text, undo?) shows a message (with Undo).
+   * there; stopIn(conversation) stops it; notify(text, undo?, ms?) shows a message (with Undo).
    */
   constructor(hooks) {
     this.hooks = hooks;
@@ -75,7 +75,6 @@ export class Sidebar {
     conversation.renamed = true;
     saveIndex(this.list);
     this.render();
-    this.hooks.titleChanged(conversation);
   }
 
   delete(conversation) {
