@@ -46,6 +46,8 @@ def test_conversations_are_created_switched_renamed_searched_and_kept(
     ask(chat, "What is the capital of France?")
     assert chat.titles() == ["What is the capital of France?", "Hello there"]  # newest first
     assert conv(chat, "capital").get_attribute("aria-current") == "true"
+    assert conv(chat, "capital").locator(".conv-open").get_attribute("aria-current") == "true"
+    assert conv(chat, "Hello there").locator(".conv-open").get_attribute("aria-current") is None
     page.click("#new-chat")
     page.click("#new-chat")  # an empty new chat is not saved, nor doubled
     assert len(chat.titles()) == 2

@@ -134,6 +134,7 @@ export class Sidebar {
     open.type = "button";
     open.append(el("span", "conv-title", conversation.title));
     if (snippetText) open.append(el("span", "conv-snippet", snippetText));
+    if (conversation === this.current) open.setAttribute("aria-current", "true"); // read out on the focusable part
     open.addEventListener("click", () => this.select(conversation));
     const rename = el("button", "conv-rename quiet small", "Rename");
     rename.type = "button";
