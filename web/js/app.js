@@ -1,14 +1,22 @@
-// The chat page: conversation view, mode selector, Send/Stop, health line.
+// The chat page: the open conversation, Send/Stop, regenerate and edit, the health line.
 // It speaks the HTTP contract of docs/design.md: POST /chat/stream (SSE), POST /chat/cancel,
-// GET /modes, GET /health. Tested in a real browser by tests/test_browser.py.
+// GET /modes, GET /health. Tested in a real browser by tests/test_browser*.py.
 // With an API key on the server, auth.js asks for it on the first 401 and sends it from then on.
 
 import { AuthError, authFetch, authHeaders, onNewKey } from "./auth.js";
 import { ConnectionLost, HttpError, streamEvents } from "./sse.js";
-import { el, renderMarkdown } from "./render.js";
-import { historyForServer, loadConversation, loadMode, saveConversation, saveMode } from "./store.js";
+import { el } from "./render.js";
+import { copyText, fill, messageView, setCollapsed, startEdit } from "./messages.js";
+import { PrefillProgress, measure, stopNote } from "./phases.js";
+import { Sidebar } from "./sidebar.js";
+import { historyForServer, loadMode, saveMode } from "./store.js";
 
 const HEALTH_EVERY_MS = 4000;
+/** After a stop or a finish the server settles within a few hundred ms: look again soon. */
+const HEALTH_AFTER_TURN_MS = [0, 250, 700, 1500];
+/** After Stop, how long the page waits for the server's own `done` (it says where it stopped). */
+const STOP_GRACE_MS = 3000;
+const PROGRESS_FRAME_MS = 100;
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");
@@ -16,44 +24,39 @@ const input = $("input");
 const sendButton = $("send");
 const modeSelect = $("mode");
 
-let conversation = loadConversation();
 /** Whether the reader is at the end of the conversation; if so, new text keeps it there. */
 let pinned = true;
-/** The reply being streamed, or null when idle. */
+/** The reply being streamed, or null when idle. One at a time, in any conversation. */
 let turn = null;
 /** GET /modes failed: tried again when a key is entered. */
 let modesFailed = false;
+let toastTimer = null;
+
+const sidebar = new Sidebar({
+  open: () => renderConversation(),
+  busyIn: (c) => Boolean(turn && turn.conversation === c),
+  stopIn: (c) => { if (turn && turn.conversation === c) stop(true); },
+  notify,
+});
 
 // Rendering.
 
-function messageView(message) {
-  const view = el("article", `msg ${message.role}`);
-  view.dataset.role = message.role;
-  view.dataset.state = message.state || "done";
-  view.append(el("h2", "who", message.role === "user" ? "You" : "Edison"));
-  const body = el("div", "body");
-  view.append(body, el("p", "state"), el("p", "meta"));
-  view.setAttribute("aria-label", message.role === "user" ? "Your message" : "Edison's reply");
-  fill(view, message);
-  return view;
+function renderConversation() {
+  const conversation = sidebar.conversation;
+  log.querySelectorAll(".msg").forEach((m) => m.remove());
+  $("empty").hidden = conversation.messages.length > 0;
+  const lastReply = lastReplyIndex(conversation.messages);
+  conversation.messages.forEach((message, i) => {
+    if (turn && message === turn.reply) log.append(turn.view);
+    else log.append(messageView(message, i, { last: i === lastReply }));
+  });
+  setBusy(Boolean(turn));
+  scrollToEnd();
 }
 
-/** Shows a finished (or stored) message: Markdown body, then its state and error. */
-function fill(view, message) {
-  const body = view.querySelector(".body");
-  body.replaceChildren(renderMarkdown(message.content));
-  view.dataset.state = message.state || "done";
-  const state = view.querySelector(".state");
-  const meta = view.querySelector(".meta");
-  state.textContent = "";
-  meta.textContent = "";
-  if (message.role !== "assistant") return;
-  if (message.state === "stopped") state.textContent = "stopped";
-  if (message.state === "error") state.textContent = `Error: ${message.error || "unknown error"}`;
-  const parts = [];
-  if (message.mode) parts.push(`mode: ${message.mode}`);
-  if (message.finish) parts.push(message.finish);
-  meta.textContent = parts.join(" · ");
+function lastReplyIndex(messages) {
+  const i = messages.length - 1;
+  return i >= 1 && messages[i].role === "assistant" && messages[i - 1].role === "user" ? i : -1;
 }
 
 /** Scrolls the conversation to its end, now and after the next layout. */
@@ -62,28 +65,43 @@ function scrollToEnd() {
   requestAnimationFrame(() => { log.scrollTop = log.scrollHeight; });
 }
 
-function append(view) {
-  $("empty").hidden = true;
-  log.append(view);
-  scrollToEnd();
-}
-
-function renderConversation() {
-  log.querySelectorAll(".msg").forEach((m) => m.remove());
-  $("empty").hidden = conversation.length > 0;
-  for (const message of conversation) log.append(messageView(message));
-  scrollToEnd();
-}
-
-// One turn: send, stream, stop.
-
 function setBusy(busy) {
   sendButton.textContent = busy ? "Stop" : "Send";
   sendButton.dataset.action = busy ? "stop" : "send";
   sendButton.classList.toggle("stop", busy);
   sendButton.setAttribute("aria-label", busy ? "Stop the reply (Esc)" : "Send (Enter)");
   document.body.classList.toggle("streaming", busy);
+  // Regenerate and edit wait for the running reply (its Stop is always one key away).
+  for (const b of log.querySelectorAll(".regenerate, .edit")) b.disabled = busy;
 }
+
+/** A short message at the bottom of the page, with an optional Undo. */
+function notify(text, undo = null, ms = 6000) {
+  const toast = $("toast");
+  clearTimeout(toastTimer);
+  $("toast-text").textContent = text;
+  const undoButton = $("toast-undo");
+  undoButton.hidden = !undo;
+  undoButton.onclick = undo ? () => { hideToast(); undo(); } : null;
+  toast.hidden = false;
+  announce(undo ? `${text} Undo is in the message at the bottom of the page.` : text);
+  toastTimer = setTimeout(hideToast, ms);
+}
+
+function hideToast() {
+  clearTimeout(toastTimer);
+  $("toast").hidden = true;
+  $("toast-undo").onclick = null;
+}
+
+/** A polite announcement for screen readers (the status line itself is not live). */
+function announce(text) {
+  const region = $("announce");
+  region.textContent = "";
+  requestAnimationFrame(() => { region.textContent = text; });
+}
+
+// One turn: send, stream, stop.
 
 function showPhase(text) {
   turn.view.querySelector(".state").textContent = text;
@@ -91,66 +109,102 @@ function showPhase(text) {
 
 function onEvent(name, data) {
   const t = turn;
+  const now = performance.now();
   if (name === "init") {
     t.requestId = data.request_id;
     console.log(`Streaming request started: ${data.request_id}`);
     t.view.dataset.requestId = data.request_id;
     refreshHealth();
   } else if (name === "queued") {
-    if (!t.tokens) { t.view.dataset.state = "queued"; showPhase(`queued, position ${data.position}`); }
+    t.queued = true;
+    if (!t.tokens && !t.stopping) { t.view.dataset.state = "queued"; showPhase(`queued, position ${data.position}`); }
   } else if (name === "progress") {
     if (!t.tokens && data.total) {
-      t.view.dataset.state = "prefill";
-      showPhase(`reading prompt ${Math.floor((100 * data.done) / data.total)} %`);
+      if (!t.prefill) t.prefill = new PrefillProgress(t.queued ? t.lastEventAt : t.sentAt);
+      t.prefill.update(data.done, data.total, now);
+      t.view.dataset.prefill = `${data.done}/${data.total}`; // the server's own figure, beside the estimate
+      if (!t.stopping) { t.view.dataset.state = "prefill"; drawPrefill(); }
     }
   } else if (name === "token") {
-    if (!t.tokens) { showPhase(""); t.view.dataset.state = "streaming"; }
+    if (!t.tokens) {
+      t.firstAt = now;
+      if (!t.stopping) showPhase("");
+      t.view.dataset.state = "streaming";
+      t.view.querySelector(".progress")?.remove();
+    }
     t.tokens += 1;
+    t.lastAt = now;
     t.reply.content += data.t;
-    // A text node: model output is never parsed as HTML. Leading blanks are not shown.
+    // A text node: model output is never parsed as HTML while it streams. Leading blanks are not shown.
     t.text.appendData(t.text.length ? data.t : data.t.trimStart());
     t.view.dataset.tokens = String(t.tokens);
-    if (pinned) log.scrollTop = log.scrollHeight;
+    if (pinned && t.conversation === sidebar.current) log.scrollTop = log.scrollHeight;
   } else if (name === "done") {
-    t.reply.mode = data.mode_used || t.reply.mode;
-    if (data.ok) {
-      t.reply.content = data.response ?? t.reply.content;
-      t.reply.state = "done";
-      t.reply.finish = data.finish_reason === "length" ? "cut at the length limit" : "";
-    } else if (data.stopped) {
-      t.reply.content = data.response ?? t.reply.content;
-      t.reply.state = "stopped";
-    } else {
-      t.reply.state = "error";
-      t.reply.error = data.error || "the server reported a failure without a reason";
-    }
+    finishFromDone(t, data);
+  }
+  t.lastEventAt = now;
+}
+
+function finishFromDone(t, data) {
+  const reply = t.reply;
+  reply.mode = data.mode_used || reply.mode;
+  if (data.ok) {
+    reply.content = data.response ?? reply.content;
+    reply.state = "done";
+    reply.finish = data.finish_reason === "length" ? "cut at the length limit" : "";
+    if (Number.isFinite(data.usage?.completion_tokens)) t.tokens = data.usage.completion_tokens;
+  } else if (data.stopped) {
+    reply.content = data.response ?? reply.content;
+    reply.state = "stopped";
+    // The model's own count when the server sends it (a token event can carry several tokens).
+    if (Number.isFinite(data.usage?.completion_tokens)) t.tokens = data.usage.completion_tokens;
+    t.stoppedBy = typeof data.stopped_by === "string" ? data.stopped_by : "";
+    console.log(`Request ${t.requestId} stopped, said the server (stopped_by: ${t.stoppedBy || "not sent"})`);
+  } else {
+    reply.state = "error";
+    reply.error = data.error || "the server reported a failure without a reason";
   }
 }
 
-async function send() {
-  const text = input.value;
-  if (turn || !text.trim()) return;
-  const mode = modeSelect.disabled ? undefined : modeSelect.value;
-  const history = historyForServer(conversation);
-  const user = { role: "user", content: text, state: "done" };
-  conversation.push(user);
-  saveConversation(conversation);
-  append(messageView(user));
-  input.value = "";
+/** Prompt progress: the state line and a bar, advanced between events by the estimate. */
+function drawPrefill() {
+  const t = turn;
+  if (!t?.prefill || t.tokens || t.stopping) return;
+  const fraction = t.prefill.estimate(performance.now());
+  showPhase(`reading prompt ${Math.floor(100 * fraction)} %`);
+  let bar = t.view.querySelector(".progress");
+  if (!bar) {
+    bar = el("div", "progress");
+    bar.setAttribute("aria-hidden", "true"); // the state line says it in words
+    bar.append(el("span"));
+    t.view.querySelector(".state").after(bar);
+  }
+  bar.firstChild.style.width = `${(100 * fraction).toFixed(1)}%`;
+  if (!t.frame) t.frame = setInterval(drawPrefill, PROGRESS_FRAME_MS);
+}
 
-  const reply = { role: "assistant", content: "", state: "streaming", mode: mode || "", error: "" };
-  const view = messageView(reply);
+/** Sends `text` after `history` in `conversation` and streams the reply into it. */
+async function runTurn(conversation, text, history) {
+  const mode = modeSelect.disabled ? undefined : modeSelect.value;
+  const reply = { role: "assistant", content: "", state: "streaming", mode: mode || "", error: "", stopNote: "" };
+  conversation.messages.push(reply);
+  sidebar.save(conversation);
+  const view = messageView(reply, conversation.messages.length - 1);
   view.dataset.state = "waiting";
   view.dataset.tokens = "0";
   view.setAttribute("aria-busy", "true"); // screen readers announce the reply once, when it ends
   const live = document.createTextNode("");
-  const body = view.querySelector(".body");
-  body.replaceChildren(el("p", "live"));
-  body.firstChild.append(live);
-  append(view);
-  turn = { reply, view, text: live, tokens: 0, requestId: null, controller: new AbortController(), stopping: false, saved: false };
+  view.querySelector(".body").replaceChildren(el("p", "live"));
+  view.querySelector(".live").append(live);
+  const sentAt = performance.now();
+  turn = {
+    conversation, reply, view, text: live, tokens: 0, requestId: null, controller: new AbortController(),
+    stopping: false, stoppedBy: "", queued: false, prefill: null, frame: null, graceTimer: null,
+    sentAt, firstAt: 0, lastAt: 0, lastEventAt: sentAt,
+  };
+  renderConversation();
   showPhase("waiting for the server…");
-  setBusy(true);
+  sidebar.render();
 
   const t = turn;
   try {
@@ -158,52 +212,112 @@ async function send() {
     if (mode) payload.mode = mode;
     await streamEvents("/chat/stream", payload, t.controller.signal, onEvent);
   } catch (err) {
-    if (t.stopping && err.name === "AbortError") {
-      reply.state = "stopped";
-    } else if (err instanceof AuthError) {
-      reply.state = "error";
-      reply.error = `${err.message}. Send again to enter the key.`;
-    } else if (err instanceof HttpError) {
-      reply.state = "error";
-      reply.error = `the server answered ${err.status}: ${err.message}`;
-    } else if (err instanceof ConnectionLost) {
-      reply.state = "error";
-      reply.error = err.message;
-    } else {
-      reply.state = "error";
-      reply.error = `${err.name}: ${err.message}`;
-      console.error("Unexpected failure while streaming", err);
-    }
+    failTurn(t, err);
   } finally {
-    if (reply.state === "error") console.error(`Request ${t.requestId ?? "(no id)"} failed: ${reply.error}`);
-    if (!t.saved) conversation.push(reply);
-    saveConversation(conversation);
-    fill(view, reply);
-    view.removeAttribute("aria-busy");
-    view.dataset.tokens = String(t.tokens);
-    if (pinned) scrollToEnd();
-    turn = null;
-    setBusy(false);
-    refreshHealth();
-    setTimeout(refreshHealth, 1000); // the server's bookkeeping settles just after the reply
-    input.focus();
+    endTurn(t);
   }
 }
 
-/**
- * Stop: (1) tell the server to cancel this request id, (2) abort the fetch. Either alone
- * stops the model (a dropped connection is a cancel too); both make it certain.
- */
-function stop() {
-  const t = turn;
-  if (!t || t.stopping) return;
-  t.stopping = true;
-  showPhase("stopping…");
-  if (t.requestId) cancelOnServer(t.requestId);
-  else console.log("Stop before the server named the request; aborting the connection cancels it");
-  t.controller.abort();
+function failTurn(t, err) {
+  const reply = t.reply;
+  if (t.stopping && err.name === "AbortError") {
+    reply.state = "stopped";
+  } else if (err instanceof AuthError) {
+    reply.state = "error";
+    reply.error = `${err.message}. Send again to enter the key.`;
+  } else if (err instanceof HttpError) {
+    reply.state = "error";
+    reply.error = `the server answered ${err.status}: ${err.message}`;
+  } else if (err instanceof ConnectionLost) {
+    reply.state = "error";
+    reply.error = err.message;
+  } else {
+    reply.state = "error";
+    reply.error = `${err.name}: ${err.message}`;
+    console.error("Unexpected failure while streaming", err);
+  }
 }
 
+function endTurn(t) {
+  const reply = t.reply;
+  clearInterval(t.frame);
+  clearTimeout(t.graceTimer);
+  if (reply.state === "streaming") reply.state = "error"; // cannot happen: streamEvents ends with done or throws
+  if (reply.state === "error") console.error(`Request ${t.requestId ?? "(no id)"} failed: ${reply.error}`);
+  if (reply.state === "stopped") {
+    reply.stopNote = stopNote({ stoppedBy: t.stoppedBy, tokens: t.tokens, prefill: t.prefill?.real ?? 0, queued: t.queued });
+    reply.stoppedBy = t.stoppedBy; // the server's cancellation tier, when its `done` said it
+  }
+  reply.stats = measure({ sentAt: t.sentAt, firstAt: t.firstAt, lastAt: t.lastAt || performance.now(), tokens: t.tokens });
+  turn = null;
+  if (t.conversation.messages.includes(reply)) sidebar.save(t.conversation);
+  const last = t.conversation.messages[t.conversation.messages.length - 1] === reply;
+  fill(t.view, reply, { last });
+  t.view.querySelector(".progress")?.remove(); // the state line says where a prefill stopped
+  t.view.removeAttribute("aria-busy");
+  t.view.dataset.tokens = String(t.tokens);
+  setBusy(false);
+  sidebar.render();
+  if (pinned && t.conversation === sidebar.current) scrollToEnd();
+  for (const ms of HEALTH_AFTER_TURN_MS) setTimeout(refreshHealth, ms);
+  if (!document.activeElement || document.activeElement === document.body || document.activeElement === sendButton) input.focus();
+}
+
+function send() {
+  const text = input.value;
+  if (turn || !text.trim()) return;
+  const conversation = sidebar.conversation;
+  const history = historyForServer(conversation.messages);
+  conversation.messages.push({ role: "user", content: text, state: "done" });
+  input.value = "";
+  runTurn(conversation, text, history);
+}
+
+/** The last reply again: it is replaced by a new one for the same user message. */
+function regenerate() {
+  const conversation = sidebar.conversation;
+  const i = lastReplyIndex(conversation.messages);
+  if (turn || i < 0) return;
+  conversation.messages.splice(i, 1);
+  const user = conversation.messages[i - 1];
+  runTurn(conversation, user.content, historyForServer(conversation.messages.slice(0, i - 1)));
+}
+
+/** An earlier user message, edited: everything after it is replaced by the new reply. */
+function editAndSend(index, text) {
+  const conversation = sidebar.conversation;
+  if (turn || !text.trim()) return;
+  conversation.messages.splice(index);
+  const history = historyForServer(conversation.messages);
+  conversation.messages.push({ role: "user", content: text, state: "done" });
+  runTurn(conversation, text, history);
+}
+
+/**
+ * Stop: tell the server to cancel this request id; its `done` then says where the model
+ * stopped (stopped_by). The fetch is aborted too (a dropped connection is a cancel as well)
+ * when the cancel cannot be sent, when no `done` comes within STOP_GRACE_MS, at once when the
+ * request id is not known yet, or when `now` is set (a second Stop, leaving the page).
+ */
+function stop(now = false) {
+  const t = turn;
+  if (!t) return;
+  if (t.stopping && !now) now = true; // Stop twice: do not wait for the server
+  t.stopping = true;
+  clearInterval(t.frame);
+  showPhase("stopping…");
+  if (t.requestId && !t.cancelSent) {
+    t.cancelSent = true;
+    cancelOnServer(t.requestId).then((ok) => { if (!ok) t.controller.abort(); });
+  } else if (!t.requestId) {
+    console.log("Stop before the server named the request; aborting the connection cancels it");
+    now = true;
+  }
+  if (now) t.controller.abort();
+  else t.graceTimer = setTimeout(() => t.controller.abort(), STOP_GRACE_MS);
+}
+
+/** POST /chat/cancel; false when it could not be delivered (the caller then drops the stream). */
 async function cancelOnServer(requestId) {
   try {
     const response = await fetch("/chat/cancel", {
@@ -214,10 +328,12 @@ async function cancelOnServer(requestId) {
     });
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
-    // "not_found" means the request had already ended (our own disconnect may cancel it first).
+    // "not_found" means the request had already ended (its `done` is on its way or read).
     console.log(`Cancelled request ${requestId} on server (${answer.status})`);
+    return answer.status === "cancelled";
   } catch (err) {
     console.error(`Cancel of request ${requestId} failed: ${err.message}`);
+    return false;
   }
 }
 
@@ -258,25 +374,34 @@ function describeMode() {
   $("mode-description").classList.remove("error");
 }
 
+let healthSeq = 0;
+let lastServerState = "";
+
+/** The status line. Not a live region: only a change between up and down is announced. */
 async function refreshHealth() {
+  const seq = ++healthSeq;
   const status = $("status");
   const text = $("status-text");
+  let state;
+  let line;
   try {
     const response = await fetch("/health", { cache: "no-store" });
     const h = await response.json();
     const w = h.workers || {};
-    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}`;
-    if (response.ok) {
-      status.dataset.state = "ok";
-      text.textContent = `ready · ${counts}`;
-    } else {
-      status.dataset.state = "down";
-      text.textContent = `no worker ready (${response.status}) · ${counts}`;
-    }
+    // Slots (sequences a worker decodes together) when the server batches; older servers have none.
+    const slots = h.slots?.total ? ` · slots ${h.slots.busy ?? 0}/${h.slots.total} in use` : "";
+    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy${slots} · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}`;
+    state = response.ok ? "ok" : "down";
+    line = response.ok ? `ready · ${counts}` : `no worker ready (${response.status}) · ${counts}`;
   } catch (err) {
-    status.dataset.state = "down";
-    text.textContent = `server unreachable (${err.message})`;
+    state = "down";
+    line = `server unreachable (${err.message})`;
   }
+  if (seq !== healthSeq) return; // a later look already answered
+  status.dataset.state = state;
+  text.textContent = line;
+  if (lastServerState && state !== lastServerState) announce(state === "ok" ? "The server is back." : `Server problem: ${line}`);
+  lastServerState = state;
 }
 
 // Wiring.
@@ -302,6 +427,43 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
+log.addEventListener("click", async (event) => {
+  const target = event.target.closest("button");
+  const view = target?.closest(".msg");
+  if (!target || !view) return;
+  const index = Number(view.dataset.index);
+  const message = sidebar.conversation.messages[index];
+  if (target.classList.contains("copy-code")) {
+    await copied(target, target.closest(".codeblock").querySelector("pre").textContent.replace(/\n$/, ""));
+  } else if (target.classList.contains("copy-reply") && message) {
+    await copied(target, message.content);
+  } else if (target.classList.contains("regenerate")) {
+    regenerate();
+  } else if (target.classList.contains("show-all")) {
+    setCollapsed(view, target, !view.classList.contains("collapsed"), message.content.length);
+  } else if (target.classList.contains("edit") && message && !turn) {
+    renderConversation(); // one editor at a time
+    const fresh = log.querySelector(`.msg[data-index="${index}"]`);
+    startEdit(fresh, message, (text) => editAndSend(index, text), () => {
+      renderConversation();
+      log.querySelector(`.msg[data-index="${index}"] .edit`)?.focus();
+    });
+  }
+});
+
+async function copied(button, text) {
+  const label = button.textContent;
+  try {
+    await copyText(text);
+    button.textContent = "Copied";
+    announce("Copied to the clipboard");
+  } catch (err) {
+    button.textContent = "Copy failed";
+    console.error("Copy failed", err);
+  }
+  setTimeout(() => { button.textContent = label; }, 1500);
+}
+
 log.addEventListener("scroll", () => {
   pinned = log.scrollTop + log.clientHeight >= log.scrollHeight - 40;
 });
@@ -313,31 +475,19 @@ modeSelect.addEventListener("change", () => {
   describeMode();
 });
 
-$("clear").addEventListener("click", () => {
-  if (turn) {
-    turn.saved = true; // forgotten with the rest, not re-added when it ends
-    stop();
-  }
-  conversation = [];
-  saveConversation(conversation);
-  renderConversation();
-  input.focus();
-});
-
 // Leaving mid-reply: the server is told (keepalive), and the text so far is kept as stopped.
 window.addEventListener("pagehide", () => {
   if (!turn) return;
   turn.reply.state = "stopped";
-  conversation.push(turn.reply);
-  turn.saved = true;
-  saveConversation(conversation);
-  stop();
+  turn.reply.stopNote = turn.tokens ? `after ${turn.tokens} tokens (the page was closed)` : "when the page was closed";
+  sidebar.save(turn.conversation);
+  stop(true);
 });
 
 onNewKey(() => { if (modesFailed) loadModes(); });
 
+sidebar.render();
 renderConversation();
-setBusy(false);
 loadModes();
 refreshHealth();
 setInterval(refreshHealth, HEALTH_EVERY_MS);

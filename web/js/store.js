@@ -1,50 +1,172 @@
-// The conversation, kept in localStorage so a reload keeps it. Anything read back is
-// checked: a hand-edited or old entry is dropped, never trusted.
+// Conversations kept in this browser, in localStorage.
+//
+// Why localStorage and not IndexedDB: it is synchronous, so the page can save a reply that is
+// cut short in `pagehide` (an IndexedDB transaction started there is not guaranteed to commit),
+// and every read is one call with no open/upgrade/version dance. Chat text is small: a
+// 27,000-character prompt is ~54 KB of the origin's ~5 MB; when the quota is reached the page
+// says so (StorageFull) and the user can export and delete old conversations.
+//
+// Layout: an index (KEY_INDEX: [{id, title, renamed, created, updated}]) and one key per
+// conversation's messages (KEY_PREFIX + id), so saving a reply rewrites only its conversation.
+// Anything read back is checked: a hand-edited or old entry is dropped, never trusted.
 
-const KEY = "edison.conversation.v1";
+const KEY_INDEX = "edison.conversations.v2";
+const KEY_PREFIX = "edison.conversation.v2.";
+const KEY_CURRENT = "edison.current.v2";
+/** The single conversation of earlier versions of the page; migrated into the list on load. */
+export const KEY_V1 = "edison.conversation.v1";
 const MODE_KEY = "edison.mode";
 const STATES = new Set(["done", "stopped", "error"]);
+const TITLE_CHARS = 60;
 
-function valid(m) {
-  return (
-    m && typeof m === "object" &&
-    (m.role === "user" || m.role === "assistant") &&
-    typeof m.content === "string"
-  );
+/** Saving failed because the browser's storage for this site is full. */
+export class StorageFull extends Error {}
+
+function read(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch (err) {
+    console.warn("localStorage unavailable; conversations will not survive a reload", err);
+    return null;
+  }
 }
 
-export function loadConversation() {
-  let raw;
+function write(key, value) {
   try {
-    raw = localStorage.getItem(KEY);
+    localStorage.setItem(key, value);
   } catch (err) {
-    console.warn("localStorage unavailable; history will not survive a reload", err);
-    return [];
+    if (err?.name === "QuotaExceededError") throw new StorageFull("this browser's storage for the page is full");
+    console.warn(`Could not save ${key}`, err);
   }
-  if (!raw) return [];
+}
+
+function parseJson(raw, what) {
+  if (!raw) return null;
   try {
-    const parsed = JSON.parse(raw);
-    if (!Array.isArray(parsed)) throw new Error("not a list");
-    return parsed.filter(valid).map((m) => ({
-      role: m.role,
-      content: m.content,
-      state: STATES.has(m.state) ? m.state : "done",
-      mode: typeof m.mode === "string" ? m.mode : "",
-      error: typeof m.error === "string" ? m.error : "",
-      finish: typeof m.finish === "string" ? m.finish : "",
+    return JSON.parse(raw);
+  } catch (err) {
+    console.warn(`Stored ${what} unreadable; ignored`, err);
+    return null;
+  }
+}
+
+/** A checked copy of a stored or imported message, or null. */
+export function cleanMessage(m) {
+  if (!m || typeof m !== "object" || (m.role !== "user" && m.role !== "assistant") || typeof m.content !== "string") {
+    return null;
+  }
+  const str = (v) => (typeof v === "string" ? v : "");
+  const out = {
+    role: m.role,
+    content: m.content,
+    // "streaming" was saved while a reply was running: the page was closed mid-reply.
+    state: STATES.has(m.state) ? m.state : m.state === "streaming" ? "stopped" : "done",
+    mode: str(m.mode),
+    error: str(m.error),
+    finish: str(m.finish),
+    stopNote: str(m.stopNote),
+    stoppedBy: str(m.stoppedBy),
+  };
+  if (m.stats && typeof m.stats === "object") {
+    const n = (v) => (Number.isFinite(v) ? v : null);
+    out.stats = { ttftMs: n(m.stats.ttftMs), tokens: n(m.stats.tokens), perSecond: n(m.stats.perSecond) };
+  }
+  return out;
+}
+
+export function cleanMessages(list) {
+  return Array.isArray(list) ? list.map(cleanMessage).filter(Boolean) : [];
+}
+
+/** A title from the first user message: one line, at most TITLE_CHARS characters. */
+export function titleFrom(messages) {
+  const first = messages.find((m) => m.role === "user" && m.content.trim());
+  if (!first) return "New chat";
+  const line = first.content.trim().replace(/\s+/g, " ");
+  return line.length > TITLE_CHARS ? `${line.slice(0, TITLE_CHARS - 1)}…` : line;
+}
+
+function newId() {
+  return crypto.randomUUID ? crypto.randomUUID() : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** A conversation: metadata plus its messages (loaded on demand). */
+export function newConversation(messages = [], title = "") {
+  const now = Date.now();
+  return { id: newId(), title: title || titleFrom(messages), renamed: Boolean(title), created: now, updated: now, messages };
+}
+
+export function loadIndex() {
+  const parsed = parseJson(read(KEY_INDEX), "conversation list");
+  if (!Array.isArray(parsed)) return [];
+  return parsed
+    .filter((c) => c && typeof c.id === "string" && typeof c.title === "string")
+    .map((c) => ({
+      id: c.id, title: c.title, renamed: Boolean(c.renamed),
+      created: Number(c.created) || 0, updated: Number(c.updated) || 0, messages: null,
     }));
-  } catch (err) {
-    console.warn("Stored conversation unreadable; starting a new one", err);
-    return [];
+}
+
+export function saveIndex(conversations) {
+  write(KEY_INDEX, JSON.stringify(conversations.map(({ id, title, renamed, created, updated }) => ({ id, title, renamed, created, updated }))));
+}
+
+/** The conversation's messages, read from storage the first time they are needed. */
+export function messagesOf(conversation) {
+  if (!conversation.messages) conversation.messages = cleanMessages(parseJson(read(KEY_PREFIX + conversation.id), "conversation"));
+  return conversation.messages;
+}
+
+/** Saves one conversation's messages and the index (its title and time may have changed). */
+export function saveConversation(conversation, conversations) {
+  if (!conversation.renamed) conversation.title = titleFrom(conversation.messages || []);
+  conversation.updated = Date.now();
+  write(KEY_PREFIX + conversation.id, JSON.stringify(conversation.messages || []));
+  saveIndex(conversations);
+}
+
+export function removeConversation(conversation, conversations) {
+  try {
+    localStorage.removeItem(KEY_PREFIX + conversation.id);
+  } catch {
+    // nothing stored to remove
+  }
+  saveIndex(conversations);
+}
+
+export function loadCurrentId() {
+  return read(KEY_CURRENT) || "";
+}
+
+export function saveCurrentId(id) {
+  try {
+    write(KEY_CURRENT, id);
+  } catch {
+    // only the selection is lost
   }
 }
 
-export function saveConversation(messages) {
-  try {
-    localStorage.setItem(KEY, JSON.stringify(messages));
-  } catch (err) {
-    console.warn("Could not save the conversation", err);
+/**
+ * The single conversation of the previous page (KEY_V1) becomes a conversation in the list,
+ * then the old key is removed. Returns the new conversation, or null when there was none.
+ */
+export function migrateV1(conversations) {
+  const raw = read(KEY_V1);
+  if (raw === null) return null;
+  const messages = cleanMessages(parseJson(raw, "old conversation"));
+  let migrated = null;
+  if (messages.length) {
+    migrated = newConversation(messages);
+    conversations.unshift(migrated);
+    saveConversation(migrated, conversations);
+    console.log(`Migrated the old conversation (${messages.length} messages) into the list`);
   }
+  try {
+    localStorage.removeItem(KEY_V1);
+  } catch {
+    // read-only storage: it will be migrated again next time, harmlessly
+  }
+  return migrated;
 }
 
 /**
@@ -66,16 +188,12 @@ export function historyForServer(messages) {
 }
 
 export function loadMode() {
-  try {
-    return localStorage.getItem(MODE_KEY) || "";
-  } catch {
-    return "";
-  }
+  return read(MODE_KEY) || "";
 }
 
 export function saveMode(mode) {
   try {
-    localStorage.setItem(MODE_KEY, mode);
+    write(MODE_KEY, mode);
   } catch {
     // the choice just will not survive a reload
   }
