@@ -194,7 +194,7 @@ def is_stream(response: Any) -> bool:
 def test_message_streams_into_the_page_and_ends(service: Service, open_chat: Callable[..., ChatPage], tmp_path: Path) -> None:
     chat = open_chat(service)
     page = chat.page
-    assert page.eval_on_selector_all("#mode option", "os => os.map(o => o.value)") == ["chat", "brief", "long"]
+    assert page.eval_on_selector_all("#mode option", "os => os.map(o => o.value)") == ["chat", "brief", "long", "count"]
     assert page.input_value("#mode") == "chat"
     page.wait_for_selector("#status[data-state=ok]")
     assert "workers 2/2 ready" in page.inner_text("#status")

@@ -64,11 +64,13 @@ async def chat_events(job: PoolRequest, mode: str) -> AsyncIterator[bytes]:
 
 
 def done_payload(event: Event, mode: str) -> dict[str, Any]:
-    if isinstance(event, Completed):
+    if isinstance(event, (Completed, Stopped)):
         usage = {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens}
+    if isinstance(event, Completed):
         return {"ok": True, "response": event.text, "mode_used": mode, "finish_reason": event.finish_reason, "usage": usage}
     if isinstance(event, Stopped):
-        return {"ok": False, "stopped": True, "response": event.text, "mode_used": mode, "stopped_by": event.tier.value}
+        return {"ok": False, "stopped": True, "response": event.text, "mode_used": mode, "stopped_by": event.tier.value,
+                "usage": usage}
     assert isinstance(event, Failure)
     return {"ok": False, "error": from_failure(event).message}
 

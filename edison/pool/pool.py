@@ -240,8 +240,9 @@ class Pool:
         if isinstance(message, Failed):
             logger.error("Request %s failed in worker pid %s: %s\n%s", rid, pid, message.error, message.traceback)
             return Failure(message.kind, message.error)
-        if not request.prompt_tokens:
-            request.prompt_tokens = message.usage.prompt_tokens
+        request.prompt_tokens = message.usage.prompt_tokens
+        # The worker's own count (stop-string tokens included) plus what a lost worker had made.
+        request.completion_tokens = request.kept_tokens + message.usage.completion_tokens
         if request.cancel_at is None:
             assert isinstance(message, Done)
             return Completed(request.text, message.finish_reason, request.usage)
@@ -279,6 +280,7 @@ class Pool:
 
     def _resume(self, request: Request, lost: WorkerHandle) -> None:
         request.resumed += 1
+        request.kept_tokens = request.completion_tokens
         request.worker = request.slot = None
         request.job = dataclasses.replace(
             request.job, job_id=next(self.job_ids), resume=Resume(request.text, request.completion_tokens), wedge_s=0.0

@@ -54,7 +54,8 @@ class Request:
     worker: WorkerHandle | None = None
     slot: int | None = None
     parts: list[str] = field(default_factory=list)  # text streamed so far, across a resume
-    completion_tokens: int = 0  # tokens behind `parts`
+    completion_tokens: int = 0  # tokens behind `parts`, as the Token messages counted them
+    kept_tokens: int = 0  # completion tokens of the worker that was lost, when resumed
     prompt_tokens: int = 0  # of the original prompt (a resumed job's prompt is longer)
     resumed: int = 0  # times this request was moved to another worker after a loss
     cancel_at: float | None = None  # time.monotonic() of the first cancel
