@@ -70,7 +70,7 @@ def wait_until_free(service: Service, timeout: float = 10.0) -> None:
 
 def test_models_list_the_loaded_model_and_one_alias_per_mode(service: Service) -> None:
     ids = [m.id for m in client(service).models.list()]
-    assert ids == ["gemma-3-270m-q4_k_m.gguf", "edison", "edison-chat", "edison-brief", "edison-long"]
+    assert ids == ["gemma-3-270m-q4_k_m.gguf", "edison", "edison-chat", "edison-brief", "edison-long", "edison-count"]
     assert client(service).models.retrieve("edison-brief").id == "edison-brief"
 
 

@@ -18,7 +18,8 @@ from tests.support import COUNTING, Service, Stream, alive, chat, long_prompt, w
 pytestmark = pytest.mark.timeout(240)
 
 MakeService = Callable[..., Service]
-FAST_STALL = {"pool": {"workers": 2, "slots": 2, "stall_timeout_s": 2.0}}
+# Well above one 512-token prefill piece on one thread (~2 s), well below a test's patience.
+FAST_STALL = {"pool": {"workers": 2, "slots": 2, "stall_timeout_s": 6.0}}
 
 
 def dones(stream: Stream) -> list[dict]:

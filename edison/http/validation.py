@@ -117,6 +117,7 @@ def _encodable(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")  # the name may hold it too
         raise BadRequest(f"'{where}' contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
 
 
