@@ -21,6 +21,7 @@ from edison.protocol import Format
 
 MAX_SCHEMA_BYTES = 16_000  # as JSON text; real schemas are a few hundred bytes
 MAX_COUNT = 500  # minLength/maxLength/minItems/maxItems and regex repetitions: the grammar grows with them
+MAX_TOTAL_COUNT = 2_000  # ... and all of them together: ~20 grammar characters each, compiled in the worker
 MAX_PATTERN = 256  # characters of a `pattern`
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
 FORMATS = ("date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5")
@@ -54,6 +55,7 @@ def check_schema(schema: Any, param: str) -> str:
 class _Walk:
     def __init__(self, root: dict[str, Any], param: str) -> None:
         self.root, self.param = root, param
+        self.total = 0  # the sum of every count: what bounds the grammar's size
 
     def fail(self, where: str, why: str) -> ApiError:
         return ApiError(f"{where}: {why}", param=self.param)
@@ -158,6 +160,12 @@ class _Walk:
         value = node[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
             raise self.fail(f"{where}.{key}", f"must be an integer from 0 to {MAX_COUNT}")
+        self._spend(value, f"{where}.{key}")
+
+    def _spend(self, count: int, where: str) -> None:
+        self.total += count
+        if self.total > MAX_TOTAL_COUNT:
+            raise self.fail(where, f"lengths and counts add up to more than {MAX_TOTAL_COUNT}: the grammar would be too large")
 
     def _pattern(self, pattern: Any, where: str, kind: str | None) -> None:
         if not isinstance(pattern, str) or kind not in (None, "string"):
@@ -172,8 +180,10 @@ class _Walk:
             if escape.group(1) not in _ESCAPABLE:
                 raise self.fail(where, f"the escape '\\{escape.group(1)}' is not supported; use a class like [0-9]")
         for quantifier in _QUANTIFIER.finditer(pattern):
-            if any(n and int(n) > MAX_COUNT for n in quantifier.groups()):
+            counts = [int(n) for n in quantifier.groups() if n]
+            if any(n > MAX_COUNT for n in counts):
                 raise self.fail(where, f"repetitions above {MAX_COUNT} are not supported")
+            self._spend(max(counts, default=0), where)
         try:
             re.compile(pattern)
         except re.error as exc:

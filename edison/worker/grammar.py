@@ -114,7 +114,7 @@ class Constraint:
         self.candidates = llama_cpp.llama_token_data_array(self.data, n_vocab, -1, False)
         self.one = llama_cpp.llama_token_data()
         self.single = llama_cpp.llama_token_data_array(ctypes.pointer(self.one), 1, -1, False)
-        self.sampled = self.rejected = 0  # tokens drawn; of which the grammar refused the first draw
+        self.sampled = self.full_passes = 0  # tokens drawn; grammar passes over the whole vocabulary
 
     def allows(self, token: int) -> bool:
         """The grammar's verdict on one token, without moving it."""
@@ -128,7 +128,6 @@ class Constraint:
         self.sampled += 1
         token = self._draw(chain, ctx, row, grammar=False)
         if not self.allows(token):
-            self.rejected += 1
             token = self._draw(chain, ctx, row, grammar=True)
             if not self.allows(token):
                 raise BadFormat("the grammar allows no token here")
@@ -153,6 +152,7 @@ class Constraint:
         cur.data = ctypes.cast(self.data, llama_cpp.llama_token_data_p)
         cur.size, cur.selected, cur.sorted = self.n_vocab, -1, False
         if grammar:
+            self.full_passes += 1
             llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(cur))
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
         if cur.selected < 0:
