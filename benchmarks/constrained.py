@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 TOKENS = 128  # one of workload.REPLY_LENGTHS: Edison's benchmark modes are named by length
 
 # A realistic shape: objects, bounded strings, an enum, an integer, in an array long enough
-# that greedy decoding fills the whole token budget.
+# that greedy decoding fills the whole token budget (without minItems the model writes "[]").
 TEAM = {
     "type": "array",
     "items": {
@@ -46,6 +46,7 @@ TEAM = {
         "required": ["name", "age", "role"],
         "additionalProperties": False,
     },
+    "minItems": 20,
     "maxItems": 50,
 }
 

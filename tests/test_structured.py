@@ -194,12 +194,12 @@ def test_each_sequence_in_a_batch_keeps_its_own_grammar(svc: Service) -> None:
 
     other = threading.Thread(target=free_text, daemon=True)
     other.start()
-    person = client(svc, timeout=240).chat.completions.create(
-        model="edison", messages=[{"role": "user", "content": "Make up a user of a content system."}],
-        response_format=json_schema(Person), max_tokens=200, seed=5,
+    city = client(svc, timeout=280).chat.completions.create(
+        model="edison", messages=[{"role": "user", "content": "Describe the city of Lyon."}],
+        response_format=json_schema(City), max_tokens=120,
     )
-    other.join(timeout=240)
-    Person.model_validate_json(person.choices[0].message.content, strict=True)
+    other.join(timeout=280)
+    City.model_validate_json(city.choices[0].message.content, strict=True)
     counting = results["text"].choices[0].text
     assert counting.startswith(" 5, 6, 7"), counting  # unconstrained, beside a constrained sequence
 
@@ -219,7 +219,8 @@ def test_cancel_during_a_constrained_generation_idles_the_same_worker(svc: Servi
     cancelled_at = time.monotonic()
     assert svc.cancel(stream.request_id)["status"] == "cancelled"
     done = stream.done
-    assert done.data["stopped"] is True and done.data["stopped_by"] == "token"
+    # Between two tokens, or inside the llama_decode of the next one (the abort callback).
+    assert done.data["stopped"] is True and done.data["stopped_by"] in ("token", "native")
     assert done.at - cancelled_at < 1.0
     wait_idle(pid, within=3.0)
     assert_same_worker_answers_in_json(svc, pid)
