@@ -33,11 +33,39 @@ class FailureKind(str, enum.Enum):
 
     PROMPT_TOO_LONG = "prompt_too_long"  # the client's to fix: 400
     BAD_PROMPT = "bad_prompt"  # text the model cannot take (e.g. not encodable): 400
+    BAD_FORMAT = "bad_format"  # a schema or tool list whose grammar the worker cannot build: 400
     WORKER_DIED = "worker_died"
     GENERATION_FAILED = "generation_failed"
     SHUTTING_DOWN = "shutting_down"
     NO_WORKERS = "no_workers"
     QUEUE_FULL = "queue_full"
+
+
+# How a tool call is written in a reply constrained to tools (and in the history the model
+# reads back): Hermes/Qwen style, one JSON object with the tool's name and its arguments.
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: str  # its arguments' JSON schema, as JSON text (already checked by the HTTP layer)
+
+
+@dataclass(frozen=True)
+class Format:
+    """What a reply must be, enforced by a grammar the worker builds for its sequence.
+
+    Without tools: one JSON value matching `schema`. With tools: one tool call
+    (`TOOL_CALL_OPEN {"name": ..., "arguments": {...}} TOOL_CALL_CLOSE`), or, when
+    `tool_choice` is "auto", either that or plain text.
+    """
+
+    schema: str = ""  # a JSON schema as JSON text; only without tools
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # with tools: "auto", "required", or the name of the one tool to call
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,7 @@ class Job:
     wedge_s: float = 0.0  # debug only: sleep in C, deaf to the cancel flag, before generating
     slot: int = 0  # the worker's sequence slot this job runs in (its cancel flag)
     resume: Resume | None = None
+    format: Format | None = None  # a constrained reply (structured output, tool calls)
 
 
 # Worker -> pool.

@@ -244,18 +244,18 @@ def test_full_queue_is_a_503_in_the_openai_shape(solo: Service) -> None:
         ({"messages": "hello"}, 400, "messages", None),
         ({"messages": []}, 400, "messages", None),
         ({"messages": [{"role": "user"}]}, 400, "messages[0].content", None),
-        ({"messages": [{"role": "tool", "content": "4", "tool_call_id": "x"}]}, 400, "messages[0]", None),
+        ({"messages": [{"role": "function", "content": "4", "name": "f"}]}, 400, "messages[0]", None),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "messages[0].content[0]", None),
         ({"n": 2}, 400, "n", None),
         ({"logprobs": True}, 400, "logprobs", None),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+        ({"functions": [{"name": "f"}]}, 400, "functions", None),
         ({"temperature": 3}, 400, "temperature", None),
         ({"extra_body": {"mirostat": 2}}, 400, "mirostat", None),
         ({"messages": [{"role": "user", "content": "x" * 250_000}]}, 413, None, "request_too_large"),
     ],
-    ids=["unknown-model", "messages-string", "no-messages", "no-content", "tool-role", "image", "n=2",
-         "logprobs", "tools", "temperature", "unknown-field", "oversize"],
+    ids=["unknown-model", "messages-string", "no-messages", "no-content", "function-role", "image", "n=2",
+         "logprobs", "functions", "temperature", "unknown-field", "oversize"],
 )
 def test_bad_chat_request_gets_the_openai_error_shape(
     service: Service, change: dict[str, Any], status: int, param: str | None, code: str | None

@@ -41,7 +41,7 @@ async def chat_stream(request: Request, request_id: str) -> Response:
     chat = parse_chat(data, settings.modes, settings.default_mode, settings.debug.allow_wedge)
     mode = settings.modes[chat.mode]
     messages = with_system_prompt(mode, (*chat.history, {"role": "user", "content": chat.message}))
-    job = pool.submit(mode.sampling, request_id, messages=messages, wedge_s=chat.wedge_s)
+    job = pool.submit(mode.sampling, request_id, messages=messages, wedge_s=chat.wedge_s, format=chat.format)
     logger.info("Streaming request %s (mode %s)", request_id, chat.mode)
     return EventStream(  # type: ignore[return-value]
         chat_events(job, chat.mode),

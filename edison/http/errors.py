@@ -58,6 +58,7 @@ class BadRequest(ApiError):
 _FAILURES: dict[FailureKind, tuple[int, str, str]] = {
     FailureKind.PROMPT_TOO_LONG: (400, "context_length_exceeded", "invalid_request_error"),
     FailureKind.BAD_PROMPT: (400, "invalid_prompt", "invalid_request_error"),
+    FailureKind.BAD_FORMAT: (400, "invalid_format", "invalid_request_error"),
     FailureKind.QUEUE_FULL: (503, "queue_full", "server_error"),
     FailureKind.SHUTTING_DOWN: (503, "shutting_down", "server_error"),
     FailureKind.NO_WORKERS: (503, "unavailable", "server_error"),

@@ -5,6 +5,9 @@ The same pool, queue and three-tier cancel as `/chat/stream`. The response id (a
 chunk's `id` stops that request. A request stopped that way while its client still listens
 ends with `finish_reason: "cancelled"` (an Edison extension; OpenAI has no such reason).
 
+A reply constrained to tools is read by `ToolCallReader` (http/tools.py): a call goes out as
+`tool_calls` deltas (or message), with `finish_reason: "tool_calls"` when the call is complete.
+
 A client that goes away is a cancel in every phase, queued, prefill and decode, streaming or
 not: a non-streaming request races its final event against `http.disconnect` on `receive()`,
 because an OpenAI client that times out just closes the socket and nothing else would tell
@@ -28,10 +31,11 @@ from edison.http.errors import CLIENT_GONE, ApiError, answering, from_failure
 from edison.http.jobs import disconnect_cancels, events, final_event
 from edison.http.openai_validation import MODEL_PREFIX, Completion, model_ids, parse_chat_completion, parse_completion
 from edison.http.sse import EventStream, comment, frame
+from edison.http.tools import ToolCallReader
 from edison.http.validation import read_json_object
 from edison.pool import Completed, Event, Failure, Pool, Queued, Stopped
 from edison.pool import Request as PoolRequest
-from edison.protocol import Progress, Token, Usage
+from edison.protocol import FailureKind, Progress, Token, Usage
 from edison.settings import Settings
 
 logger = logging.getLogger("edison")
@@ -92,8 +96,8 @@ async def _complete(
     settings: Settings = request.state.settings
     data = await read_json_object(request, settings.server.max_body_bytes)
     parsed = parse(data, model_ids(os.path.basename(pool.model_path)), settings)
-    job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt)
-    shape = Shape(request_id, int(time.time()), parsed.model, chat=parsed.messages is not None)
+    job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt, format=parsed.format)
+    shape = Shape(request_id, int(time.time()), parsed.model, chat=parsed.messages is not None, tools=parsed.tools)
     logger.info(
         "OpenAI %s request %s (mode %s, %s)",
         "chat" if shape.chat else "text", request_id, parsed.mode, "streaming" if parsed.stream else "whole",
@@ -106,7 +110,7 @@ async def _complete(
     if final is None:
         return Response(status_code=CLIENT_GONE)  # the client is gone: this is never sent
     if isinstance(final, Failure):
-        raise from_failure(final, "messages" if shape.chat else "prompt")
+        raise from_failure(final, shape.param(final))
     return JSONResponse(shape.body(final), headers=headers)
 
 
@@ -118,26 +122,34 @@ async def stream_chunks(job: PoolRequest, shape: Shape, include_usage: bool) -> 
     clients skip.
     """
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    reader = ToolCallReader() if shape.tools else None
     yield frame({**shape.chunk("", None, first=True), **extra})
     async for event in events(job):
-        if isinstance(event, Token):
+        if isinstance(event, Token) and reader is not None:
+            for delta in reader.feed(event.text):
+                yield frame({**shape.delta_chunk(delta), **extra})
+        elif isinstance(event, Token):
             yield frame({**shape.chunk(event.text, None), **extra})
         elif isinstance(event, Queued):
             yield comment(f"queued {event.position}")
         elif isinstance(event, Progress):
             yield comment(f"{event.phase} {event.done}/{event.total}")
         elif isinstance(event, Failure):
-            yield frame(from_failure(event, "messages" if shape.chat else "prompt").body(openai=True))
+            yield frame(from_failure(event, shape.param(event)).body(openai=True))
         else:
-            reason, usage = outcome(event)
+            reason, usage = outcome(event, reader)
+            for delta in reader.finish() if reader is not None else ():
+                yield frame({**shape.delta_chunk(delta), **extra})
             yield frame({**shape.chunk(None, reason), **extra})
             if include_usage:
                 yield frame(shape.usage_chunk(usage))
     yield b"data: [DONE]\n\n"
 
 
-def outcome(event: Event) -> tuple[str, Usage]:
+def outcome(event: Event, reader: ToolCallReader | None = None) -> tuple[str, Usage]:
     if isinstance(event, Completed):
+        if reader is not None and reader.called and event.finish_reason == "stop":
+            return "tool_calls", event.usage  # the grammar closed the call
         return event.finish_reason, event.usage
     assert isinstance(event, Stopped)
     return CANCELLED, event.usage
@@ -159,6 +171,13 @@ class Shape:
     created: int
     model: str
     chat: bool
+    tools: bool = False  # the reply may be a tool call
+
+    def param(self, failure: Failure) -> str:
+        """The request field a failure is about (a grammar is built from response_format or tools)."""
+        if failure.kind is FailureKind.BAD_FORMAT:
+            return "tools" if self.tools else "response_format"
+        return "messages" if self.chat else "prompt"
 
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
@@ -173,15 +192,25 @@ class Shape:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
+    def delta_chunk(self, delta: dict[str, Any]) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": usage_of(usage)}
 
     def body(self, final: Event) -> dict[str, Any]:
-        reason, usage = outcome(final)
         text = final.text  # type: ignore[union-attr]  # Completed or Stopped
+        reader = ToolCallReader() if self.tools else None
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if reader is not None:
+            deltas = reader.feed(text) + reader.finish()
+            message["content"] = "".join(d.get("content", "") for d in deltas) or None
+            if reader.called:
+                message["tool_calls"] = reader.message_calls()
+        reason, usage = outcome(final, reader)
         if self.chat:
-            message = {"role": "assistant", "content": text, "refusal": None}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             kind = "chat.completion"
         else:

@@ -1,7 +1,7 @@
 """Reading OpenAI-style request bodies (`/v1/chat/completions`, `/v1/completions`) into a job.
 
 Every way a body can be wrong becomes an `ApiError`, answered in OpenAI's error shape. A field
-the service cannot honour (`n` > 1, `tools`, `logprobs`) is refused with a 400 that names it,
+the service cannot honour (`n` > 1, `functions`, `logprobs`) is refused with a 400 that names it,
 rather than silently ignored: a client that asked for two choices must not get one. Fields
 clients send by habit with a value that changes nothing (`presence_penalty: 0`, `user`, ...)
 are accepted and ignored. Anything else unknown is a 400, as on OpenAI's own API.
@@ -17,6 +17,9 @@ from typing import Any
 
 from edison.http.errors import ApiError
 from edison.http.jobs import with_system_prompt
+from edison.http.schema import parse_response_format
+from edison.http.tools import parse_tools, written_calls
+from edison.protocol import Format
 from edison.settings import ModeSettings, Sampling, Settings
 
 MODEL_PREFIX = "edison"  # "edison" is the default mode; "edison-<mode>" names a mode
@@ -25,8 +28,8 @@ MAX_SEED = 2**32 - 2  # llama.cpp reads 2**32 - 1 (LLAMA_DEFAULT_SEED) as "pick 
 
 # Role names a client may send -> the role the prompt renderer knows. "developer" is OpenAI's
 # newer name for "system".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "function_call", "refusal")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ class Completion:
     include_usage: bool
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
+    format: Format | None = None  # a constrained reply: JSON (response_format) or tool calls
+
+    @property
+    def tools(self) -> bool:
+        """The reply may be a tool call, to be read out of the text (http/tools.py)."""
+        return self.format is not None and bool(self.format.tools)
 
 
 def _absent(*allowed: Any) -> Callable[[Any], bool]:
@@ -59,12 +68,9 @@ HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "service_tier": (lambda v: v is None or isinstance(v, str), "a string"),
     # Chat only.
     "top_logprobs": (_absent(0), "0 or null (logprobs are not supported)"),
-    "tools": (lambda v: v is None or v == [], "empty (tool calling is not supported)"),
-    "functions": (lambda v: v is None or v == [], "empty (function calling is not supported)"),
-    "tool_choice": (_absent("none", "auto"), '"none" or "auto" (tool calling is not supported)'),
-    "function_call": (_absent("none", "auto"), '"none" or "auto" (function calling is not supported)'),
-    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "a boolean"),
-    "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"} (structured output is not supported)'),
+    "functions": (lambda v: v is None or v == [], "empty (the legacy functions API is not supported; use tools)"),
+    "function_call": (_absent("none", "auto"), '"none" or "auto" (the legacy functions API is not supported; use tools)'),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "a boolean (one call per reply either way)"),
     "store": (_absent(False), "false (completions are not stored)"),
     # Completions only.
     "echo": (_absent(False), "false (echo is not supported)"),
@@ -75,7 +81,7 @@ COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "stop", "seed", 
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "metadata", "service_tier")
 CHAT_FIELDS = COMMON_FIELDS + ("messages", "max_completion_tokens", "top_logprobs", "tools", "functions",
                                "tool_choice", "function_call", "parallel_tool_calls", "response_format", "store")
-COMPLETION_FIELDS = COMMON_FIELDS + ("prompt", "echo", "suffix", "best_of")
+COMPLETION_FIELDS = COMMON_FIELDS + ("prompt", "echo", "suffix", "best_of", "response_format")
 
 
 def _is_number(value: Any) -> bool:
@@ -106,7 +112,11 @@ def parse_chat_completion(data: dict[str, Any], names: tuple[str, ...], settings
     mode = settings.modes[mode_name]
     messages = with_system_prompt(mode, parse_messages(data.get("messages")))
     limit = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    return _completion(data, mode_name, mode, limit, messages=messages)
+    tools = parse_tools(data.get("tools"), data.get("tool_choice"))
+    json_format = parse_response_format(data.get("response_format"))
+    if tools and json_format:
+        raise ApiError("'response_format' cannot be combined with tools that may be called", param="response_format")
+    return _completion(data, mode_name, mode, limit, messages=messages, format=tools or json_format)
 
 
 def parse_completion(data: dict[str, Any], names: tuple[str, ...], settings: Settings) -> Completion:
@@ -119,7 +129,8 @@ def parse_completion(data: dict[str, Any], names: tuple[str, ...], settings: Set
         raise ApiError("token-id prompts are not supported; send the prompt as text", param="prompt")
     if not isinstance(prompt, str):
         raise ApiError("'prompt' is required and must be a string (or a list of one string)", param="prompt")
-    return _completion(data, mode_name, settings.modes[mode_name], "max_tokens", prompt=prompt)
+    fmt = parse_response_format(data.get("response_format"))
+    return _completion(data, mode_name, settings.modes[mode_name], "max_tokens", prompt=prompt, format=fmt)
 
 
 def _check_fields(data: dict[str, Any], known: tuple[str, ...]) -> None:
@@ -188,10 +199,16 @@ def _message(message: Any, param: str) -> dict[str, str]:
     if unknown:
         raise ApiError(f"{param} has unsupported field(s): {', '.join(unknown)}", param=param)
     role = message.get("role")
-    if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
-        raise ApiError(f"{param}: tool and function calls are not supported", param=param)
+    if role == "function" or message.get("function_call"):
+        raise ApiError(f"{param}: the legacy function-call messages are not supported; use tools", param=param)
     if role not in ROLES:
         raise ApiError(f"{param}.role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{param}.role")
+    if message.get("tool_calls"):  # an earlier call of a tool loop, written as the model writes one
+        if role != "assistant":
+            raise ApiError(f"{param}: only assistant messages carry tool_calls", param=param)
+        content = message.get("content")
+        text = "" if content is None else _text(content, f"{param}.content")
+        return {"role": "assistant", "content": text + written_calls(message["tool_calls"], f"{param}.tool_calls")}
     return {"role": ROLES[role], "content": _text(message.get("content"), f"{param}.content")}
 
 

@@ -16,6 +16,8 @@ from typing import Any
 from starlette.requests import Request
 
 from edison.http.errors import BadRequest
+from edison.http.schema import ANY_OBJECT, check_schema
+from edison.protocol import Format
 
 HISTORY_ROLES = ("user", "assistant", "system")
 
@@ -133,10 +135,11 @@ class ChatRequest:
     mode: str
     history: tuple[dict[str, str], ...]
     wedge_s: float
+    format: Format | None = None  # "format": "json" or a JSON schema: the reply is held to it
 
 
 def parse_chat(data: dict[str, Any], modes: dict[str, Any], default_mode: str, allow_wedge: bool) -> ChatRequest:
-    known = ("message", "mode", "history") + (("debug_wedge_s",) if allow_wedge else ())
+    known = ("message", "mode", "history", "format") + (("debug_wedge_s",) if allow_wedge else ())
     reject_unknown(data, known)
     message = data.get("message")
     if not isinstance(message, str):
@@ -151,7 +154,17 @@ def parse_chat(data: dict[str, Any], modes: dict[str, Any], default_mode: str, a
     wedge = data.get("debug_wedge_s", 0.0)
     if isinstance(wedge, bool) or not isinstance(wedge, (int, float)) or not 0 <= wedge <= 600:
         raise BadRequest("'debug_wedge_s' must be a number of seconds from 0 to 600")
-    return ChatRequest(message, mode, parse_history(data.get("history", [])), float(wedge))
+    return ChatRequest(message, mode, parse_history(data.get("history", [])), float(wedge), parse_format(data.get("format")))
+
+
+def parse_format(value: Any) -> Format | None:
+    if value is None:
+        return None
+    if value == "json":
+        return Format(schema=ANY_OBJECT)
+    if not isinstance(value, dict):
+        raise BadRequest("'format' must be \"json\" or a JSON schema object")
+    return Format(schema=check_schema(value, "format"))
 
 
 def parse_history(history: Any) -> tuple[dict[str, str], ...]:

@@ -29,7 +29,7 @@ from edison.pool.handle import WorkerHandle, WorkerState
 from edison.pool.observer import PoolObserver
 from edison.pool.request import Completed, Event, Failure, Queued, Request, Stopped
 from edison.pool.supervisor import Supervisor
-from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Ready, Resume, Tier, Token
+from edison.protocol import Cancelled, Done, Failed, FailureKind, Format, Job, Progress, Ready, Resume, Tier, Token
 from edison.settings import Sampling, Settings
 
 logger = logging.getLogger("edison")
@@ -101,12 +101,13 @@ class Pool:
         messages: tuple[dict[str, str], ...] | None = None,
         prompt: str | None = None,
         wedge_s: float = 0.0,
+        format: Format | None = None,
     ) -> Request:
         if self.closing:
             raise self._refuse(FailureKind.SHUTTING_DOWN, "server shutting down")
         if self.supervisor.all_given_up():
             raise self._refuse(FailureKind.NO_WORKERS, "no model worker could be started; see the server log")
-        request = Request(Job(next(self.job_ids), request_id, sampling, messages, prompt, wedge_s))
+        request = Request(Job(next(self.job_ids), request_id, sampling, messages, prompt, wedge_s, format=format))
         place = self._free_slot()
         if place is None and len(self.queue) >= self.settings.pool.queue_size:
             raise self._refuse(

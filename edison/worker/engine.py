@@ -29,6 +29,7 @@ from llama_cpp import _logger as llama_logger
 
 from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Tier
 from edison.settings import ModelSettings, Settings
+from edison.worker.grammar import BadFormat, Constraint, grammar_text
 from edison.worker.prompt import Prompt, PromptFormat, StopFilter
 from edison.worker.sequence import Sequence, sampler_chain
 
@@ -129,6 +130,8 @@ class Engine:
             self.active[job.slot] = self._sequence(job)
         except PromptTooLong as exc:
             emit(Failed(job.job_id, str(exc), FailureKind.PROMPT_TOO_LONG))
+        except BadFormat as exc:
+            emit(Failed(job.job_id, str(exc), FailureKind.BAD_FORMAT))
         except UnicodeEncodeError as exc:
             emit(Failed(job.job_id, f"the prompt cannot be encoded as UTF-8: {exc.reason}", FailureKind.BAD_PROMPT))
         except Exception as exc:  # one bad job must never take the worker down
@@ -139,9 +142,10 @@ class Engine:
     def _sequence(self, job: Job) -> Sequence:
         prompt = self._prompt(job)
         tokens = self.model.tokenize(prompt.text.encode("utf-8"), add_bos=not prompt.special, special=prompt.special)
-        prompt_tokens, done = len(tokens), 0
+        prompt_tokens, done, resumed = len(tokens), 0, []
         if job.resume is not None:  # the text already streamed, as if the model had just produced it
-            tokens += self.model.tokenize(job.resume.text.encode("utf-8"), add_bos=False, special=False)
+            resumed = self.model.tokenize(job.resume.text.encode("utf-8"), add_bos=False, special=False)
+            tokens += resumed
             done = job.resume.completion_tokens
         if len(tokens) >= self.n_ctx:
             raise PromptTooLong(
@@ -149,10 +153,18 @@ class Engine:
                 "(prompt and reply together); shorten the message or the history"
             )
         max_new = min(job.sampling.max_tokens - done, self.n_ctx - len(tokens))
+        constraint = None
+        if job.format is not None:  # compiled here, between steps: bounded (see grammar.py)
+            constraint = Constraint(self.vocab, self.n_vocab, grammar_text(job.format))
+            try:
+                constraint.replay(resumed)
+            except BadFormat:
+                constraint.free()
+                raise
         seq_id = self._pick_kv_sequence(tokens)
         seq = Sequence(
             job, seq_id, tokens, len(tokens), prompt_tokens, max(0, max_new),
-            StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling, self.n_vocab),
+            StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling, self.n_vocab), constraint,
         )
         seq.n_past = self._reuse_prefix(seq)
         return seq
@@ -166,7 +178,7 @@ class Engine:
 
     def _prompt(self, job: Job) -> Prompt:
         if job.messages is not None:
-            return self.format.render(list(job.messages))
+            return self.format.render(list(job.messages), job.format)
         return Prompt(job.prompt or "", (), special=False)
 
     def _reuse_prefix(self, seq: Sequence) -> int:
@@ -267,7 +279,11 @@ class Engine:
         if seq.max_new <= 0:
             self._finish(seq, "length", emit)
             return
-        token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx.ctx, row)
+        try:
+            token = seq.sample(self.ctx.ctx, row)
+        except BadFormat as exc:  # a grammar dead end: this job ends, the batch goes on
+            self._end(seq, Failed(seq.job.job_id, str(exc), FailureKind.BAD_FORMAT), emit)
+            return
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self._finish(seq, "stop", emit)
             return

@@ -4,15 +4,24 @@ A GGUF that carries a chat template gets it. One that does not (the bundled Gemm
 is a base model without one) gets a plain transcript, "User: ...\\nAssistant:", with
 "\\nUser:" as a stop string: measured on that model, the Gemma turn markup made it echo the
 question and drift, while the transcript made it answer.
+
+Tools (a job whose `Format` lists them) reach the prompt through the chat template when it
+takes a `tools` variable; otherwise as a plain list in the system message. Either way the
+system message says how a call is written (`TOOL_CALL_OPEN {json} TOOL_CALL_CLOSE`), because
+the grammar only lets the model write it that way. A tool's result (role "tool") is a
+"Tool:" turn of the transcript, or a user turn for a template that knows no tool role.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from edison.protocol import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Format
+
 TRANSCRIPT_STOPS = ("\nUser:",)
-_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+_SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,45 @@ class PromptFormat:
             self.formatter = Jinja2ChatFormatter(template=template, bos_token=bos, eos_token=eos)
         self.name = "template" if self.formatter else "transcript"
 
-    def render(self, messages: list[dict[str, str]]) -> Prompt:
+    def render(self, messages: list[dict[str, str]], fmt: Format | None = None) -> Prompt:
+        takes_tools = self.formatter is not None and "tools" in self.formatter.template
+        tools = fmt.tools if fmt is not None else ()
+        if tools:
+            messages = with_tool_instructions(messages, fmt, listed=not takes_tools)  # type: ignore[arg-type]
         if self.formatter is None:
             return Prompt(render_transcript(messages), TRANSCRIPT_STOPS, special=False)
-        result = self.formatter(messages=messages)
+        if "tool" not in self.formatter.template:  # a template that knows no tool turns
+            messages = [_as_user(m) if m["role"] == "tool" else m for m in messages]
+        listing = [_openai_tool(t) for t in tools] if takes_tools and tools else None
+        result = self.formatter(messages=messages, tools=listing)
         stop = result.stop or ()
         return Prompt(result.prompt, (stop,) if isinstance(stop, str) else tuple(stop), special=True)
+
+
+def with_tool_instructions(messages: list[dict[str, str]], fmt: Format, listed: bool) -> list[dict[str, str]]:
+    """The system message, extended with how to call a tool (and the tools, if `listed`)."""
+    lines = []
+    if listed:
+        lines.append("You can call these tools (JSON schemas of their arguments):")
+        lines += [json.dumps({"name": t.name, "description": t.description, "parameters": json.loads(t.parameters)})
+                  for t in fmt.tools]
+    lines.append(
+        f'To call a tool, reply with {TOOL_CALL_OPEN}{{"name": "<tool name>", "arguments": {{...}}}}{TOOL_CALL_CLOSE} '
+        "and nothing else; its result comes back in the next turn."
+    )
+    text = "\n".join(lines)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _as_user(message: dict[str, str]) -> dict[str, str]:
+    return {"role": "user", "content": f"Tool result: {message['content']}"}
+
+
+def _openai_tool(tool: Any) -> dict[str, Any]:
+    function = {"name": tool.name, "description": tool.description, "parameters": json.loads(tool.parameters)}
+    return {"type": "function", "function": function}
 
 
 class StopFilter:

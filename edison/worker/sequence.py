@@ -17,6 +17,7 @@ import llama_cpp
 
 from edison.protocol import Job, Token, Usage
 from edison.settings import Sampling
+from edison.worker.grammar import Constraint
 from edison.worker.prompt import StopFilter
 
 PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over (llama-cpp-python's default)
@@ -49,6 +50,7 @@ class Sequence:
     max_new: int  # tokens it may still sample
     stops: StopFilter
     sampler: llama_cpp.llama_sampler_p
+    constraint: Constraint | None = None  # its own grammar, if the job asked for a format
     n_past: int = 0
     sampled: int = 0  # tokens sampled by this job
     unsent: int = 0  # sampled since the last Token message
@@ -75,5 +77,12 @@ class Sequence:
             emit(Token(self.job.job_id, text, self.unsent))  # type: ignore[operator]
             self.unsent = 0
 
+    def sample(self, ctx: llama_cpp.llama_context_p, row: int) -> int:
+        if self.constraint is not None:
+            return self.constraint.sample(self.sampler, ctx, row)
+        return llama_cpp.llama_sampler_sample(self.sampler, ctx, row)
+
     def free(self) -> None:
         llama_cpp.llama_sampler_free(self.sampler)
+        if self.constraint is not None:
+            self.constraint.free()
