@@ -293,7 +293,7 @@ class Run:
         p = self.plan
         self.progress.step("load: starting edison")
         edison = Edison(self.model, max(1, self.threads // p.load_workers), self.workdir,
-                        workers=p.load_workers, queue_size=p.load_queue)
+                        workers=p.load_workers, queue_size=p.load_queue, slots=1)  # fills up, then queues
         self.described.append(edison.describe())
         try:
             self.start(edison)
