@@ -108,13 +108,15 @@ class Service:
         return self
 
     def wait_ready(self, timeout: float = 90.0, workers: int | None = None) -> dict[str, Any]:
-        """Until /health is 200 (and, if given, that many workers are ready)."""
+        """Until /health is 200 and every configured worker (or, if given, that many) is ready:
+        a test that spreads requests over workers must not find one still loading."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc and self.proc.poll() is None, f"service exited early:\n{self.log()}"
             try:
                 r = httpx.get(f"{self.url}/health", timeout=2)
-                if r.status_code == 200 and (workers is None or r.json()["workers"]["ready"] >= workers):
+                wanted = workers if workers is not None else r.json()["workers"]["total"]
+                if r.status_code == 200 and r.json()["workers"]["ready"] >= wanted:
                     self.remember_children()
                     return r.json()
             except httpx.HTTPError:
