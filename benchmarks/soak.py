@@ -271,6 +271,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             warm = _cycle(runner, kind, -1)
             if "problem" in warm:
                 cycles.append(warm)
+        time.sleep(1.0)  # the warm-up ends with a kill: let the respawn settle, as before `after`
         before = snapshot(edison, runner)
         runner.kills_injected = 0
         progress.step("baseline taken")
