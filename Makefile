@@ -26,7 +26,7 @@ export LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(LLAMA_FLAGS)' -DC
 WHEELHOUSE := $(HOME)/.cache/edison/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_TAG)
 
 # The bench extra too: tests/test_benchmarks.py runs `python -m benchmarks --quick` end to end.
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+$(STAMP): pyproject.toml setup.py edison/worker/abort.c | $(VENV)/bin/python
 	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	    CMAKE_ARGS="$$LLAMA_CMAKE_ARGS" $(VENV)/bin/pip wheel --no-deps --no-cache-dir \
 	        --no-binary llama-cpp-python -w $(WHEELHOUSE) 'llama-cpp-python==$(LLAMA_VERSION)'

@@ -37,8 +37,14 @@ def tokens(stream: Stream) -> list:
 
 
 def consecutive(text: str) -> bool:
-    numbers = [int(n) for n in re.findall(r"\d+", text)]
-    return len(numbers) >= 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    """1, 2, 3, ... with none lost or repeated. The model writes a number digit by digit, so a
+    stream stopped mid-number ends on a prefix of the next one ("9, 1" for "9, 10")."""
+    numbers = re.findall(r"\d+", text)
+    if not numbers:
+        return False
+    first = int(numbers[0])
+    whole = [int(n) for n in numbers[:-1]] == list(range(first, first + len(numbers) - 1))
+    return whole and str(first + len(numbers) - 1).startswith(numbers[-1])
 
 
 def counting(mode: str = "long") -> dict:
@@ -138,6 +144,34 @@ def test_prefill_is_aborted_inside_llama_decode_by_the_callback(make_service: Ma
         assert done.data["stopped_by"] == "native", done.data
         assert done.at - stopped_at < NATIVE_STOP_S
     assert chat(svc.url, "What is the capital of France?")[-1].data["ok"] is True
+
+
+def test_decode_steps_are_aborted_inside_llama_decode_too(batched: Service) -> None:
+    """The compiled abort callback stays armed in decode steps: a stop of one of four decoding
+    sequences lands inside a step's llama_decode (~50 ms of it in C against a few ms of Python
+    between steps) and ends it at once, instead of waiting for the step to finish. With the
+    callback armed for prefill steps only, no decode stop is ever "native"."""
+    others = [Stream(batched.url, counting("long")) for _ in range(3)]
+    pid = batched.worker_for(others[0].request_id)
+    for other in others:
+        other.wait_for("token", count=2)
+    tiers = []
+    for _ in range(4):
+        victim = Stream(batched.url, counting())
+        victim.wait_for("token", count=3)
+        stopped_at = time.monotonic()
+        assert batched.cancel(victim.request_id)["status"] == "cancelled"
+        done = victim.done
+        assert done.data["stopped"] is True and done.at - stopped_at < NATIVE_STOP_S
+        tiers.append(done.data["stopped_by"])
+    assert "native" in tiers, tiers  # each lands in C with p ~0.9; all four between steps: ~1e-4
+    for other in others:
+        assert other.wait_for("token", count=len(tokens(other)) + 2)  # the survivors go on
+        batched.cancel(other.request_id)
+        final = other.done.data
+        assert final["stopped"] is True and consecutive(final["response"]), final["response"]
+    assert batched.worker_pids() == [pid]
+    wait_idle(pid, within=3.0)
 
 
 def test_killed_worker_with_three_busy_slots_resumes_each_stream_once(make_service: MakeService) -> None:

@@ -37,6 +37,8 @@ def test_the_wheel_contains_the_page_and_every_layer(wheel: Path) -> None:
         assert f"edison/{layer}/__init__.py" in names
     web_files = {p.relative_to(REPO).as_posix() for p in (REPO / "web").rglob("*") if p.is_file()}
     assert {f"edison/{f}" for f in web_files} <= names  # every file of the page, vendored libraries too
+    # The compiled abort callback (edison/worker/abort.c): without it decode steps go unarmed.
+    assert any(n.startswith("edison/worker/_abort.") and n.endswith(".so") for n in names), sorted(names)
 
 
 def test_an_installed_copy_serves_the_page(wheel: Path, tmp_path: Path) -> None:

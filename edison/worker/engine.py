@@ -10,9 +10,10 @@ Cancellation, per sequence, in three places that read the same per-slot flags:
 - between steps: a cancelled sequence leaves the batch ("token" once decoding, "chunk" while
   its prompt is read: what bounds a stop on a GPU backend, where llama.cpp does not honour the
   abort callback mid-kernel);
-- inside `llama_decode`, through llama.cpp's abort callback ("native"), which fires only when
-  a sequence *in this batch* is cancelled. llama.cpp then drops the failed ubatch from the KV
-  cache; each survivor's KV length is read back and its missing tokens go into the next step.
+- inside `llama_decode`, through llama.cpp's abort callback ("native", abort.py), which fires
+  only when a sequence *in this batch* is cancelled, in prefill and decode steps alike.
+  llama.cpp then drops the failed ubatch from the KV cache; each survivor's KV length is read
+  back and its missing tokens go into the next step.
 Tier 3 (the kill) lives in the pool, for a worker that ignores all of this.
 """
 
@@ -29,6 +30,7 @@ from llama_cpp import _logger as llama_logger
 
 from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Tier
 from edison.settings import ModelSettings, Settings
+from edison.worker.abort import BatchAbort
 from edison.worker.grammar import BadFormat, Constraint, grammar_text
 from edison.worker.prompt import Prompt, PromptFormat, StopFilter
 from edison.worker.sequence import Sequence, sampler_chain
@@ -106,15 +108,7 @@ class Engine:
         self.active: dict[int, Sequence] = {}  # by slot (the pool's cancel-flag index)
         self.cached: list[list[int]] = [[] for _ in range(self.slots)]  # tokens each KV sequence holds
         self.flags, self.base = flags, base  # flags[base + slot] >= job_id: that job is cancelled
-        self.watched: list[tuple[int, int]] = []  # (flag index, job id) of the batch being decoded
-        # Kept on self: ctypes would free the trampoline while llama.cpp still holds it.
-        self._abort = llama_cpp.ggml_abort_callback(lambda _data: self._batch_cancelled())
-        self._no_abort = llama_cpp.ggml_abort_callback()  # a NULL function pointer
-        self._armed = False
-
-    def _batch_cancelled(self) -> bool:
-        flags = self.flags
-        return any(flags[i] >= job_id for i, job_id in self.watched)
+        self.abort = BatchAbort(self.ctx.ctx, flags)
 
     def cancelled(self, seq: Sequence) -> bool:
         return self.flags[self.base + seq.job.slot] >= seq.job.job_id
@@ -167,7 +161,7 @@ class Engine:
         seq_id = self._pick_kv_sequence(tokens)
         seq = Sequence(
             job, seq_id, tokens, len(tokens), prompt_tokens, max(0, max_new),
-            StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling, self.n_vocab), constraint,
+            StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling), self.n_vocab, constraint,
         )
         seq.n_past = self._reuse_prefix(seq)
         return seq
@@ -213,10 +207,9 @@ class Engine:
         if not self.active:
             return
         rows = self._fill_batch()
-        self._arm(any(count > 1 for _, _, count in rows))
-        self.watched = [(self.base + s.job.slot, s.job.job_id) for s, _, _ in rows]
+        watched = [(self.base + s.job.slot, s.job.job_id) for s, _, _ in rows]
+        self.abort.watching(watched, prefill=any(count > 1 for _, _, count in rows))
         status = llama_cpp.llama_decode(self.ctx.ctx, self.batch)
-        self.watched = []
         if status == DECODE_ABORTED:
             self._after_abort(rows, emit)
             return
@@ -232,14 +225,6 @@ class Engine:
                 emit(Progress(seq.job.job_id, seq.n_past, seq.prompt_len))
             if seq.n_past == len(seq.tokens):
                 self._sample(seq, start + count - 1, emit)
-
-    def _arm(self, prefill: bool) -> None:
-        """The abort callback runs after every graph node, through ctypes and the GIL: worth it
-        for a step that reads a prompt piece (up to a second), not for a step of one token per
-        sequence, which ends within tens of milliseconds and is checked between steps anyway."""
-        if prefill != self._armed:
-            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort if prefill else self._no_abort, None)
-            self._armed = prefill
 
     def _fill_batch(self) -> list[tuple[Sequence, int, int]]:
         """(sequence, first batch row, rows) for each sequence in this step's batch."""
