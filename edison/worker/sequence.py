@@ -45,6 +45,14 @@ def sampler_chain(sampling: Sampling) -> llama_cpp.llama_sampler_p:
     return chain
 
 
+def repeat_penalty(logits: np.ndarray, recent: deque[int], penalty: float) -> None:
+    """llama.cpp's repeat penalty (its penalty sampler with no frequency or presence part), in
+    place: each distinct recent token's logit once, divided if positive, else multiplied."""
+    seen = np.fromiter(set(recent), dtype=np.int64)
+    values = logits[seen]
+    logits[seen] = np.where(values <= 0, values * np.float32(penalty), values / np.float32(penalty))
+
+
 @dataclass(eq=False)
 class Sequence:
     job: Job
@@ -88,7 +96,7 @@ class Sequence:
         sampling = self.job.sampling
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,))
         if sampling.repeat_penalty != 1.0 and self.recent:
-            self._penalise(logits, sampling.repeat_penalty)
+            repeat_penalty(logits, self.recent, sampling.repeat_penalty)
         if self.constraint is not None:
             token = self.constraint.sample(self.sampler, ctx, row)
         elif sampling.temperature == 0:  # the greedy sampler's choice, without its 262,144-entry copy
@@ -97,12 +105,6 @@ class Sequence:
             token = llama_cpp.llama_sampler_sample(self.sampler, ctx, row)
         self.recent.append(token)
         return token
-
-    def _penalise(self, logits: np.ndarray, penalty: float) -> None:
-        """llama.cpp's repeat penalty, in place: each distinct recent token's logit once."""
-        seen = np.fromiter(set(self.recent), dtype=np.int64)
-        values = logits[seen]
-        logits[seen] = np.where(values <= 0, values * np.float32(penalty), values / np.float32(penalty))
 
     def free(self) -> None:
         llama_cpp.llama_sampler_free(self.sampler)
