@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -325,6 +326,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_process(popen: subprocess.Popen[Any], grace: float, reap: float = 5.0) -> None:
+    """SIGTERM, `grace` seconds, then SIGKILL (straight to SIGKILL if `grace` is 0); always reaped."""
+    if popen.poll() is not None:
+        return
+    popen.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
+    try:
+        popen.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=reap)
 
 
 def kill_pid(pid: int) -> None:

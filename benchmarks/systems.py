@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any, ClassVar
 import psutil
 
 from benchmarks import llama_server
-from benchmarks.client import Event, SSEStream, free_port, kill_pid, wait_until
+from benchmarks.client import Event, SSEStream, end_process, free_port, kill_pid, wait_until
 from benchmarks.workload import LONG_REPLY, REPLY_LENGTHS, SAMPLING, STOPS, transcript
 from edison.settings import ModelSettings
 
@@ -107,13 +106,7 @@ class Process:
         """SIGTERM, `grace` seconds, SIGKILL (straight to SIGKILL if `grace` is 0); always reaped."""
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
-            try:
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
+        end_process(self.popen, grace, reap=10.0)
         self.popen = None
 
     def log_tail(self, chars: int = 3000) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from edison.haproxy import Address, ProxyConfig, render
-from tests.support import Service, cpu_seconds, free_port, wait_idle
+from tests.support import Service, cpu_seconds, end_process, free_port, wait_idle
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -72,13 +71,8 @@ class Proxy:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc:
+            end_process(self.proc, grace=5.0)
         if hasattr(self, "_log"):
             self._log.close()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.client import Event, SSEStream, StreamTimeout, alive, free_port, kill_pid, wait_until
+from benchmarks.client import Event, SSEStream, StreamTimeout, alive, end_process, free_port, kill_pid, wait_until
 
 __all__ = ["Event", "alive", "free_port", "kill_pid", "wait_until"]  # shared with the benchmarks
 
@@ -172,12 +171,7 @@ class Service:
         """SIGTERM, then SIGKILL; then every worker pid this service ever had, by pid."""
         if self.proc and self.proc.poll() is None:
             self.remember_children()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+            end_process(self.proc, grace=15.0)
         for pid in self.known_pids:
             kill_pid(pid)
         if hasattr(self, "_log"):

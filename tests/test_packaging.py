@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import REPO, free_port, kill_pid, wait_until
+from tests.support import REPO, end_process, free_port, kill_pid, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,12 +84,7 @@ def test_an_installed_copy_serves_the_page(wheel: Path, tmp_path: Path) -> None:
             children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         except Exception:  # noqa: BLE001 - already gone
             pass
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        end_process(proc, grace=15.0)
         for pid in children:
             kill_pid(pid)
         log.close()

@@ -50,11 +50,11 @@ def native_callback() -> Any | None:
 class BatchAbort:
     """The abort callback of one llama context, and what it watches during one step."""
 
-    def __init__(self, ctx: llama_cpp.llama_context_p, flags: Any, prefer_native: bool = True) -> None:
+    def __init__(self, ctx: llama_cpp.llama_context_p, flags: Any) -> None:
         self.ctx = ctx
         self.flags = flags
         self.watch = Watch(flags=ctypes.addressof(flags))
-        callback = native_callback() if prefer_native else None
+        callback = native_callback()
         self.native = callback is not None
         if callback is None:
             logger.warning("the compiled abort callback is missing; a slower Python one stops prefill steps only")
