@@ -197,9 +197,38 @@ def snapshot(edison: Edison, soak: Soak) -> dict[str, Any]:
             "counters": {name: metric(edison.port, name) for name in COUNTERS}}
 
 
+FD_FLOOR_S = 2.0  # fds are counted at their lowest over this long
+
+
 def _process(p: psutil.Process) -> dict[str, Any]:
+    """The fd count is the floor over FD_FLOOR_S: a connection the server is still closing, or a
+    pipe of a worker being replaced, is open for milliseconds; a leaked fd stays in every sample."""
+    floor: dict[str, Any] | None = None
+    until = time.monotonic() + FD_FLOOR_S
+    while floor is None or time.monotonic() < until:
+        sample = {"fds": p.num_fds(), "fd_kinds": _fd_kinds(p.pid)}
+        if floor is None or sample["fds"] < floor["fds"]:
+            floor = sample
+        time.sleep(0.05)
     with p.oneshot():
-        return {"pid": p.pid, "fds": p.num_fds(), "threads": p.num_threads(), "rss": p.memory_info().rss}
+        return {"pid": p.pid, **floor, "threads": p.num_threads(), "rss": p.memory_info().rss}
+
+
+def _fd_kinds(pid: int) -> dict[str, int]:
+    """What the open fds are (socket, pipe, eventpoll, a file), so a count that moved says what moved."""
+    kinds: Counter[str] = Counter()
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return {}
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        kinds[target.split(":[")[0] if ":[" in target else target] += 1
+    return dict(kinds)
 
 
 def verdict(before: dict[str, Any], after: dict[str, Any], unasked: dict[str, float], problems: list[Any]) -> dict[str, Any]:
@@ -211,7 +240,7 @@ def verdict(before: dict[str, Any], after: dict[str, Any], unasked: dict[str, fl
             continue
         for key in ("fds", "threads"):
             if a[key] > b[key]:
-                found.append(f"{role}: {key} {b[key]} -> {a[key]}")
+                found.append(f"{role}: {key} {b[key]} -> {a[key]}" + (f" ({_grown(b, a)})" if key == "fds" else ""))
         if a["rss"] >= b["rss"] * (1 + RSS_GROWTH_LIMIT):
             found.append(f"{role}: RSS {b['rss'] / 2**20:.0f} -> {a['rss'] / 2**20:.0f} MiB")
     if after["children"] > before["children"]:
@@ -219,6 +248,11 @@ def verdict(before: dict[str, Any], after: dict[str, Any], unasked: dict[str, fl
     found += [f"{k} not empty: {v}" for k, v in after["health"].items() if k != "workers_ready" and v]
     found += [f"unasked {k}: {v:g}" for k, v in unasked.items() if v > 0]
     return {"ok": not found, "problems": found}
+
+
+def _grown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    b, a = before.get("fd_kinds", {}), after.get("fd_kinds", {})
+    return ", ".join(f"{kind} {b.get(kind, 0)} -> {n}" for kind, n in sorted(a.items()) if n > b.get(kind, 0))
 
 
 def plan_kinds(cycles: int, kill_every: int, rng: random.Random) -> list[str]:
