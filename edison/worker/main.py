@@ -72,7 +72,8 @@ def main(
         sys.exit(EXIT_LOAD_FAILED)
 
     packages = tuple(sorted({name.partition(".")[0] for name in sys.modules}))
-    results.send(Ready(os.getpid(), os.path.basename(model_path), engine.n_ctx, engine.slots, packages))
+    results.send(Ready(os.getpid(), os.path.basename(model_path), engine.n_ctx, engine.slots, packages,
+                       engine.format.name))
     serve(engine, jobs, results)
 
 

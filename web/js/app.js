@@ -390,7 +390,9 @@ async function refreshHealth() {
     const w = h.workers || {};
     // Slots (sequences a worker decodes together) when the server batches; older servers have none.
     const slots = h.slots?.total ? ` · slots ${h.slots.busy ?? 0}/${h.slots.total} in use` : "";
-    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy${slots} · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}`;
+    // The model file the workers serve (older servers do not say).
+    const model = h.model?.file ? ` · model ${h.model.file.replace(/\.gguf$/i, "")}` : "";
+    const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy${slots} · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}${model}`;
     state = response.ok ? "ok" : "down";
     line = response.ok ? `ready · ${counts}` : `no worker ready (${response.status}) · ${counts}`;
   } catch (err) {
