@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import Service, write_config
+from tests.support import Service, hang_up_open_streams, write_config
+
+
+@pytest.fixture(autouse=True)
+def hang_up_streams() -> Iterator[None]:
+    """Streams a test leaves open (it failed half-way) are hung up, which cancels them: one
+    failure stays one failure instead of a slot held for the next test on the same service."""
+    yield
+    hang_up_open_streams()
 
 
 @pytest.fixture(scope="session")

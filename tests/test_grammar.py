@@ -21,6 +21,7 @@ from edison.model import resolve_model_path
 from edison.protocol import Done, Failed, FailureKind, Format, Job, Token
 from edison.settings import ModelSettings, Sampling, load_settings
 from edison.worker.grammar import Constraint, grammar_text
+from tests.support import TEST_MODEL
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,7 +42,7 @@ PERSON = {
 def engine() -> Iterator[Any]:
     from edison.worker.engine import Engine
 
-    path = str(resolve_model_path(ModelSettings()))
+    path = str(resolve_model_path(ModelSettings(path=TEST_MODEL)))
     settings = load_settings(**{"model.path": path, "model.n_ctx": 2048, "pool.workers": 1, "pool.slots": 2})
     engine = Engine(path, settings, multiprocessing.RawArray("q", 2), 0)
     yield engine
