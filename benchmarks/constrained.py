@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_MODEL
 from benchmarks.client import SSEStream
 from benchmarks.run import edison_model
 from benchmarks.systems import Edison, LlamaServer, System
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    model = edison_model(str(resolve_model_path(ModelSettings())), args.threads, {})
+    model = edison_model(str(resolve_model_path(ModelSettings(path=BENCH_MODEL))), args.threads, {})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = args.out / f"logs-constrained-{stamp}"
     workdir.mkdir(parents=True)

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_MODEL
 from benchmarks.systems import Edison
 from benchmarks.workload import counting
 from edison.model import resolve_model_path
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results-layouts.json")
     args = parser.parse_args()
     settings = load_settings(DEFAULT_CONFIG)
-    model = replace(settings.model, path=str(resolve_model_path(settings.model)))
+    model = replace(settings.model, path=str(resolve_model_path(replace(settings.model, path=BENCH_MODEL))))
     rng = random.Random(11)
     load_before = os.getloadavg()
     results: dict[str, dict[int, list[dict[str, float]]]] = {}

@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_MODEL
 from benchmarks import scenarios
 from benchmarks.client import SSEStream, wait_until
 from benchmarks.run import edison_model
@@ -162,7 +163,7 @@ def hop_trial(port: int, path: str, rng: random.Random) -> dict[str, Any]:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from edison.model import resolve_model_path
 
-    model = edison_model(str(resolve_model_path(ModelSettings())), args.threads, {})
+    model = edison_model(str(resolve_model_path(ModelSettings(path=BENCH_MODEL))), args.threads, {})
     rng = random.Random(args.seed)
     backends = []
     for name in ("a", "b"):

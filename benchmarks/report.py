@@ -313,6 +313,11 @@ else on the machine hit them alike. Python {meta['python']}, llama-cpp-python {m
 model `{meta['model']}` ({meta['prompt_tokens']} prompt tokens in the prefill trials), {meta['threads']}
 threads for every system.
 
+**Which model:** every table in this file, the sections written by hand included, was measured on
+Gemma 3 270M (`gemma-3-270m-q4_k_m.gguf`). The benchmarks pin it (`benchmarks.BENCH_MODEL`) so
+that numbers stay comparable across rounds, although the service's default model is now SmolLM2
+135M Instruct.
+
 ## Headline: stopping during a ~6,000-token prefill
 
 {headline(rows)}

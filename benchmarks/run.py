@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks import BENCH_MODEL
 from benchmarks import concurrency, llama_server, report, scenarios
 from benchmarks.plan import FULL, QUICK, Plan
 from benchmarks.systems import SYSTEMS, Edison, InProcess, System
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     from edison.model import resolve_model_path
 
-    model = edison_model(str(resolve_model_path(ModelSettings())), args.threads, args.overrides)
+    model = edison_model(str(resolve_model_path(ModelSettings(path=BENCH_MODEL))), args.threads, args.overrides)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.out / f"logs-{stamp}"

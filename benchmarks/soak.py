@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks import BENCH_MODEL
 from benchmarks.client import SSEStream, StreamTimeout, wait_until
 from benchmarks.run import HERE, Progress, _override, edison_model, machine_info
 from benchmarks.systems import Edison, metric
@@ -341,7 +342,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def _model_path() -> str:
     from edison.model import resolve_model_path
 
-    return str(resolve_model_path(ModelSettings()))
+    return str(resolve_model_path(ModelSettings(path=BENCH_MODEL)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

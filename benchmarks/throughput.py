@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import BENCH_MODEL
 from benchmarks.workload import COUNTING, SAMPLING, STOPS, long_message, nonce, transcript
 from edison.protocol import Cancelled, Done, Failed, Job, Token
 from edison.settings import Sampling
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         parser.error(f"unknown candidates: {unknown}")
-    model_path = str(resolve_model_path(ModelSettings()))
+    model_path = str(resolve_model_path(ModelSettings(path=BENCH_MODEL)))
     records = measure(model_path, args.threads, names, args.rounds, args.aborts, args.seed)
     table = summary(records, names)
     print(table)
