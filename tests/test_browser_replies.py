@@ -128,7 +128,7 @@ def test_edit_resends_from_that_message_and_replaces_what_followed(
     stored = chat.stored()
     assert [(m["role"], m["state"]) for m in stored] == [("user", "done"), ("assistant", "stopped")]
     assert stored[0]["content"] == COUNTING and stored[1]["stopNote"] == f"after {tokens} tokens"
-    assert chat.titles()[0] == COUNTING  # the title follows the first message
+    assert chat.titles()[0].startswith("1, 2, 3, 4")  # the title follows the first message (shortened)
 
 
 def test_copy_buttons_put_the_reply_and_each_code_block_on_the_clipboard(

@@ -20,7 +20,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.support import COUNTING, Service, Stream, wait_idle, write_config
+from tests.support import COUNTING, Service, Stream, consecutive, wait_idle, write_config
 from tests.test_openai import client, wait_until_free
 
 pytestmark = pytest.mark.timeout(300)
@@ -201,13 +201,15 @@ def test_each_sequence_in_a_batch_keeps_its_own_grammar(svc: Service) -> None:
     other.join(timeout=280)
     City.model_validate_json(city.choices[0].message.content, strict=True)
     counting = results["text"].choices[0].text
-    assert counting.startswith(" 5, 6, 7"), counting  # unconstrained, beside a constrained sequence
+    assert consecutive(COUNTING + counting), counting  # unconstrained, beside a constrained sequence: it counts on
 
 
 # Stop still stops.
 
 
-ENDLESS = {"type": "array", "items": {"type": "integer"}}  # unbounded: the counting goes on until stopped
+# At least 300 numbers (600 tokens or more): the generation goes on until it is stopped, whatever
+# the model would rather write.
+ENDLESS = {"type": "array", "items": {"type": "integer"}, "minItems": 300}
 
 
 def test_cancel_during_a_constrained_generation_idles_the_same_worker(svc: Service) -> None:
@@ -237,7 +239,7 @@ def test_disconnect_during_a_constrained_generation_idles_the_same_worker(svc: S
         if n == 6:
             break
     stream.close()
-    wait_idle(pid, within=3.0)  # the array would otherwise go on for 3,000 tokens
+    wait_idle(pid, within=3.0)  # the array would otherwise go on for 600 tokens or more
     assert_same_worker_answers_in_json(svc, pid)
 
 
