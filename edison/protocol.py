@@ -126,6 +126,8 @@ class Token:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache was kept from an earlier turn, not read again
+    cached_from: str = ""  # "slot" (still in the sequence), "ram" or "disk" (a saved state), "" (none)
 
 
 @dataclass(frozen=True)

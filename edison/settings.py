@@ -72,6 +72,19 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
+class KVCacheSettings:
+    """Saved KV caches outside the workers (edison/kvstore.py): a conversation whose slot was
+    taken, whose worker was killed, or whose service restarted restores its history instead of
+    reading it again. A budget of 0 turns its tier off."""
+
+    ram_mib: int = 4096  # tmpfs: survives a killed worker and a restarted service
+    disk_mib: int = 8192  # under model.cache_dir/kv: survives a reboot too
+    ram_dir: str = ""  # empty: /dev/shm
+    disk_dir: str = ""  # empty: <model.cache_dir>/kv
+    min_tokens: int = 64  # shorter states are read again instead: not worth a file
+
+
+@dataclass(frozen=True)
 class DebugSettings:
     # Lets a request ask its worker to sleep inside a C call that ignores the cancel flag
     # (`debug_wedge_s` in the body): the only way to exercise the kill tier on demand.
@@ -113,6 +126,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    kv_cache: KVCacheSettings = field(default_factory=KVCacheSettings)
     debug: DebugSettings = field(default_factory=DebugSettings)
     modes: dict[str, ModeSettings] = field(default_factory=lambda: {"chat": ModeSettings()})
     default_mode: str = "chat"
@@ -149,6 +163,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "pool.prefill_chunk": (lambda v: v >= 1, "at least 1"),
     "pool.restart_budget": (lambda v: v >= 1, "at least 1"),
     "pool.restart_backoff_s": (lambda v: v >= 0, "0 or more"),
+    "kv_cache.ram_mib": (lambda v: v >= 0, "0 (off) or more"),
+    "kv_cache.disk_mib": (lambda v: v >= 0, "0 (off) or more"),
+    "kv_cache.min_tokens": (lambda v: v >= 1, "at least 1"),
     "debug.stall_supervisor_after_s": (lambda v: v >= 0, "0 (off) or more"),
     "temperature": (lambda v: v >= 0, "0 or more"),
     "top_p": (lambda v: 0 < v <= 1, "more than 0 and at most 1"),
@@ -209,7 +226,8 @@ def _mode(table: Any, prefix: str) -> ModeSettings:
 
 
 def settings_from_dict(data: dict[str, Any]) -> Settings:
-    sections = {"server": ServerSettings, "model": ModelSettings, "pool": PoolSettings, "debug": DebugSettings}
+    sections = {"server": ServerSettings, "model": ModelSettings, "pool": PoolSettings, "kv_cache": KVCacheSettings,
+                "debug": DebugSettings}
     known = set(sections) | {"modes", "default_mode"}
     for key in data:
         if key not in known:

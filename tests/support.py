@@ -82,7 +82,10 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A config file; its saved KV states live beside it (never shared with another test's)."""
     config = json.loads(json.dumps(BASE_CONFIG))
+    config["kv_cache"] = {"ram_dir": str(path.parent / f"{path.stem}-kv-ram"),
+                          "disk_dir": str(path.parent / f"{path.stem}-kv-disk")}
     for section, values in (overrides or {}).items():
         config.setdefault(section, {}).update(values)
     lines = []

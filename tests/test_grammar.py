@@ -43,7 +43,8 @@ def engine() -> Iterator[Any]:
     from edison.worker.engine import Engine
 
     path = str(resolve_model_path(ModelSettings(path=TEST_MODEL)))
-    settings = load_settings(**{"model.path": path, "model.n_ctx": 2048, "pool.workers": 1, "pool.slots": 2})
+    settings = load_settings(**{"model.path": path, "model.n_ctx": 2048, "pool.workers": 1, "pool.slots": 2,
+                                "kv_cache.ram_mib": 0, "kv_cache.disk_mib": 0})
     engine = Engine(path, settings, multiprocessing.RawArray("q", 2), 0)
     yield engine
     engine.ctx.close()

@@ -1,27 +1,46 @@
-"""The prompt cache never changes an answer: a warm (cached) run is byte-identical to a cold one."""
+"""The prompt cache: a returning turn keeps the KV cache of everything it shares with what a slot
+holds (all but the last prompt token, which is read again for fresh logits), finds the slot that
+holds its history among the free ones, and reads only its new tokens; the reply stays whole."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx
 import pytest
 
-from tests.support import Service, chat, long_prompt
+from tests.support import COUNTING, Service, chat, consecutive, long_prompt
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_warm_answers_equal_cold_answers(make_service: Callable[..., Service]) -> None:
-    svc = make_service({"pool": {"workers": 1}})
-    question = "What is the capital of France?"
-    cold = chat(svc.url, question)[-1].data["response"]
-    assert chat(svc.url, question)[-1].data["response"] == cold
+def usage(svc: Service, message: str, history: list | None = None) -> dict:
+    done = chat(svc.url, message, mode="count", history=history)[-1].data
+    assert done["ok"] is True and done["usage"]["completion_tokens"] == 64, done  # whole, whatever was cached
+    assert consecutive(done["response"]), done["response"]
+    return done
 
-    prompt = long_prompt(1400)  # two whole 512-token chunks and a partial one
-    cold_events = chat(svc.url, prompt, mode="brief")
+
+def test_returning_turns_read_only_what_they_add(make_service: Callable[..., Service]) -> None:
+    svc = make_service({"pool": {"workers": 1, "slots": 2}})
+    conversations = {name: f"{name} counts: {COUNTING}" for name in ("Ann", "Bob")}
+    first = {name: usage(svc, message) for name, message in conversations.items()}
+    assert [d["usage"]["cached_tokens"] for d in first.values()] == [0, 0]  # strangers share nothing
+
+    for name, message in conversations.items():  # each comes back, to the slot that holds it
+        history = [{"role": "user", "content": message}, {"role": "assistant", "content": first[name]["response"]}]
+        again = usage(svc, "Go on: 1, 2, 3,", history)["usage"]
+        # Its whole first prompt was kept (the old whole-512-token-chunks rule kept none of it).
+        assert again["cached_tokens"] >= first[name]["usage"]["prompt_tokens"] - 1, (name, again, first[name])
+        assert again["cached_tokens"] < again["prompt_tokens"]
+
+    prompt = long_prompt(1400)
+    cold = chat(svc.url, prompt, mode="brief")[-1].data["usage"]
     warm_events = chat(svc.url, prompt, mode="brief")
-    assert warm_events[-1].data["response"] == cold_events[-1].data["response"]
-    cold_progress = [e.data["done"] for e in cold_events if e.name == "progress"]
-    warm_progress = [e.data["done"] for e in warm_events if e.name == "progress"]
-    assert cold_progress[:2] == [512, 1024]
-    assert len(warm_progress) < len(cold_progress)  # the shared whole chunks were not recomputed
+    warm = warm_events[-1].data["usage"]
+    assert warm["prompt_tokens"] == cold["prompt_tokens"] and warm["cached_tokens"] == cold["prompt_tokens"] - 1
+    # One token read: at most one progress event, at the end (the cold run reported 512, 1024, ...).
+    assert [e.data["done"] for e in warm_events if e.name == "progress"] in ([], [cold["prompt_tokens"]])
+    metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
+    cached = next(line for line in metrics.splitlines() if line.startswith("edison_prompt_tokens_cached_total"))
+    assert float(cached.split()[-1]) >= warm["cached_tokens"]

@@ -31,7 +31,8 @@ def test_full_queue_answers_503_and_cancelled_queued_request_leaves(make_service
     assert svc.cancel(first.request_id)["status"] == "cancelled"
     done = first.done
     assert done.data == {"ok": False, "stopped": True, "response": "", "mode_used": "chat", "stopped_by": "queued",
-                         "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+                         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0,
+                                                                    "cached_from": ""}}
     assert done.at - cancelled_at < 0.2  # in-process: no worker is involved
     assert second.wait_for("queued", count=2).data == {"position": 1}  # moved up
     health = svc.health(verbose=True)

@@ -65,7 +65,8 @@ async def chat_events(job: PoolRequest, mode: str) -> AsyncIterator[bytes]:
 
 def done_payload(event: Event, mode: str) -> dict[str, Any]:
     if isinstance(event, (Completed, Stopped)):
-        usage = {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens}
+        usage = {"prompt_tokens": event.usage.prompt_tokens, "completion_tokens": event.usage.completion_tokens,
+                 "cached_tokens": event.usage.cached_tokens, "cached_from": event.usage.cached_from}
     if isinstance(event, Completed):
         return {"ok": True, "response": event.text, "mode_used": mode, "finish_reason": event.finish_reason, "usage": usage}
     if isinstance(event, Stopped):

@@ -58,6 +58,13 @@ class Metrics(PoolObserver):
         )
         self.tokens = Counter("edison_tokens_generated", "Completion tokens generated", registry=r)
         self.prompt_tokens = Counter("edison_prompt_tokens", "Prompt tokens of finished jobs", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "edison_prompt_tokens_cached", "Prompt tokens of finished jobs kept in the KV cache, not read again", registry=r
+        )
+        self.kv_lookups = Counter(
+            "edison_kv_cache_lookups", "Where a job's cached prompt prefix came from: slot, ram, disk, or miss",
+            ["result"], registry=r,
+        )
         self.rate = Histogram(
             "edison_decode_tokens_per_second", "Per request: completion tokens over first token to end",
             buckets=RATE_BUCKETS, registry=r,
@@ -80,6 +87,15 @@ class Metrics(PoolObserver):
             lambda: health()["workers"]["ready"]
         )
         Gauge("edison_workers_configured", "Worker processes configured", registry=r).set(pool.settings.pool.workers)
+        if pool.kv_store is not None:  # the saved KV states' tiers, read from their directories at scrape time
+            store = pool.kv_store
+            used = Gauge("edison_kv_cache_bytes", "Bytes of saved KV states, by tier", ["tier"], registry=r)
+            entries = Gauge("edison_kv_cache_entries", "Saved KV states, by tier", ["tier"], registry=r)
+            budget = Gauge("edison_kv_cache_budget_bytes", "Each tier's budget", ["tier"], registry=r)
+            for tier in store.tiers:
+                used.labels(tier.name).set_function(lambda t=tier: t.used()[1])
+                entries.labels(tier.name).set_function(lambda t=tier: t.used()[0])
+                budget.labels(tier.name).set(tier.budget)
         Gauge("edison_workers_given_up", "Workers past their restart budget", registry=r).set_function(
             lambda: health()["workers"]["given_up"]
         )
@@ -112,6 +128,9 @@ class Metrics(PoolObserver):
         else:
             generated = event.usage.completion_tokens
             self.prompt_tokens.inc(event.usage.prompt_tokens)
+            self.prompt_tokens_cached.inc(event.usage.cached_tokens)
+            if event.usage.prompt_tokens:  # it reached a worker
+                self.kv_lookups.labels(event.usage.cached_from or "miss").inc()
         self.tokens.inc(generated)
         if generated >= 2 and request.first_token_at is not None and now > request.first_token_at:
             self.rate.observe((generated - 1) / (now - request.first_token_at))

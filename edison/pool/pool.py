@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from edison.kvstore import KVStore
 from edison.pool.flags import CancelFlags
 from edison.pool.handle import WorkerHandle, WorkerState
 from edison.pool.observer import PoolObserver
@@ -54,6 +55,7 @@ class Pool:
         self.job_ids = itertools.count(1)
         self.closing = False
         self.prompt_format = ""  # as the first ready worker reports it
+        self.kv_store = KVStore.open(settings, model_path)  # only to report the saved states' tiers
         self.observer = observer or PoolObserver()
         self.supervisor = Supervisor(
             settings.pool, self._worker_args, self._on_message, self._on_lost, self._fill_slots, self.observer
@@ -244,6 +246,8 @@ class Pool:
             logger.error("Request %s failed in worker pid %s: %s\n%s", rid, pid, message.error, message.traceback)
             return Failure(message.kind, message.error)
         request.prompt_tokens = message.usage.prompt_tokens
+        request.cached_tokens = message.usage.cached_tokens
+        request.cached_from = message.usage.cached_from
         # The worker's own count (stop-string tokens included) plus what a lost worker had made.
         request.completion_tokens = request.kept_tokens + message.usage.completion_tokens
         if request.cancel_at is None:
@@ -320,6 +324,7 @@ class Pool:
             "model": {"file": os.path.basename(self.model_path), "prompt_format": self.prompt_format},
         }
         if verbose:
+            report["kv_cache"] = self.kv_store.usage() if self.kv_store else {}
             report["worker_details"] = [_describe(w, self.supervisor.restarts[w.index]) for w in live]
         return report
 

@@ -57,6 +57,8 @@ class Request:
     completion_tokens: int = 0  # tokens behind `parts`, as the Token messages counted them
     kept_tokens: int = 0  # completion tokens of the worker that was lost, when resumed
     prompt_tokens: int = 0  # of the original prompt (a resumed job's prompt is longer)
+    cached_tokens: int = 0  # of those, found in the worker's KV cache instead of read again
+    cached_from: str = ""  # where: "slot", "ram", "disk" ("" for none)
     resumed: int = 0  # times this request was moved to another worker after a loss
     cancel_at: float | None = None  # time.monotonic() of the first cancel
     submitted_at: float = field(default_factory=time.monotonic)
@@ -75,4 +77,4 @@ class Request:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens)
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.cached_from)

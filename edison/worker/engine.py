@@ -28,6 +28,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 from llama_cpp import _logger as llama_logger
 
+from edison.kvstore import KVStore, common_prefix
 from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Tier
 from edison.settings import ModelSettings, Settings
 from edison.worker.abort import BatchAbort
@@ -109,6 +110,10 @@ class Engine:
         self.cached: list[list[int]] = [[] for _ in range(self.slots)]  # tokens each KV sequence holds
         self.flags, self.base = flags, base  # flags[base + slot] >= job_id: that job is cancelled
         self.abort = BatchAbort(self.ctx.ctx, flags)
+        self.store = KVStore.open(settings, model_path)  # saved states outside this process, or None
+        self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
+        self.last_used = [-1] * self.slots  # when a job last took each KV sequence (-1: never)
+        self.jobs_taken = 0
 
     def cancelled(self, seq: Sequence) -> bool:
         return self.flags[self.base + seq.job.slot] >= seq.job.job_id
@@ -159,42 +164,89 @@ class Engine:
                 constraint.free()
                 raise
         seq_id = self._pick_kv_sequence(tokens)
+        self.jobs_taken += 1
+        self.last_used[seq_id] = self.jobs_taken
         seq = Sequence(
             job, seq_id, tokens, len(tokens), prompt_tokens, max(0, max_new),
             StopFilter(prompt.stops + job.sampling.stop), sampler_chain(job.sampling), self.n_vocab, constraint,
         )
-        seq.n_past = self._reuse_prefix(seq)
+        if common_prefix(self.cached[seq_id], tokens) < len(self.cached[seq_id]):
+            self.save(seq_id)  # another conversation takes this sequence: keep what it held
+        seq.cached_from = self._restore(seq)
+        seq.n_past = seq.reused = self._reuse_prefix(seq)
+        if not seq.reused:
+            seq.cached_from = ""
         return seq
 
     def _pick_kv_sequence(self, tokens: list[int]) -> int:
-        """The free KV sequence whose cached tokens share the longest prefix with `tokens`: a
-        follow-up turn of a conversation finds its history wherever its last turn ran."""
+        """The free KV sequence whose history this prompt continues (it shares at least half of
+        what the sequence holds: a follow-up turn finds its history wherever its last turn ran);
+        else the least recently used one, empty ones first, so that a new conversation does not
+        take the slot of another for a few shared tokens of a system prompt."""
         taken = {s.seq_id for s in self.active.values()}
         free = [i for i in range(self.slots) if i not in taken]
-        return max(free, key=lambda i: (_common_prefix(self.cached[i], tokens), -i))
+        shared = {i: common_prefix(self.cached[i], tokens) for i in free}
+        continued = [i for i in free if self.cached[i] and 2 * shared[i] >= len(self.cached[i])]
+        if continued:
+            return max(continued, key=lambda i: (shared[i], -i))
+        return min(free, key=lambda i: (self.last_used[i], i))
 
     def _prompt(self, job: Job) -> Prompt:
         if job.messages is not None:
             return self.format.render(list(job.messages), job.format)
         return Prompt(job.prompt or "", (), special=False)
 
-    def _reuse_prefix(self, seq: Sequence) -> int:
-        """Keeps the KV cache of the whole prefill chunks this prompt shares with the slot's last one.
+    def _restore(self, seq: Sequence) -> str:
+        """Where the prompt's cached prefix comes from: the slot's own KV ("slot"), or a saved
+        state that shares more of it ("ram", "disk"), restored into the slot's sequence here, in
+        a few milliseconds between steps (a cancel lands at the next step, as in a prefill)."""
+        in_slot = common_prefix(self.cached[seq.seq_id], seq.tokens)
+        found = self.store.lookup(seq.tokens, beyond=max(in_slot, self.store.min_tokens)) if self.store else None
+        if found is None:
+            return "slot"
+        entry, _ = found
+        state = self.store.load(entry)  # type: ignore[union-attr]
+        if state is None:
+            return "slot"
+        self._drop_kv(seq)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), seq.seq_id)
+        held = llama_cpp.llama_memory_seq_pos_max(self.memory, seq.seq_id) + 1
+        if read == 0 or held != len(entry.tokens):
+            self.store.forget(entry, f"llama.cpp did not take it (read {read} bytes, {held} positions)")  # type: ignore[union-attr]
+            self._drop_kv(seq)
+            return "slot"
+        self.cached[seq.seq_id] = entry.tokens.tolist()
+        self.saved[seq.seq_id] = len(entry.tokens)
+        return entry.tier
 
-        Only whole chunks, at the offsets a cold run would use: a batch of another shape rounds
-        differently, and on a small model that flips greedy tokens (seen here: "Paris" cold,
-        "I am a French citizen" with the last prompt token evaluated alone).
+    def save(self, seq_id: int) -> None:
+        """A KV sequence, with the tokens it holds, into the store, unless the store already has
+        most of it. Called right after a prompt's first token is sent (so a request whose worker
+        is lost resumes from there), when another conversation takes the sequence, and at a
+        clean exit; never on the way to a stop's acknowledgement."""
+        held = self.cached[seq_id]
+        if self.store is None or len(held) - self.saved[seq_id] < self.store.min_tokens:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buf, size, seq_id) == size:
+            self.store.save(held, bytes(buf))
+            self.saved[seq_id] = len(held)
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Keeps the KV cache of every token this prompt shares with what its sequence holds, as
+        llama-server does: a returning turn reads only its new words. (Whole chunks only, as
+        before, kept warm and cold replies byte-identical, but re-read up to 511 tokens a turn;
+        llama.cpp promises no identical bytes across batch shapes anyway.)
         """
         cached, tokens = self.cached[seq.seq_id], seq.tokens
-        limit = min(len(cached), len(tokens) - 1)  # always evaluate one token: fresh logits
-        same = 0
-        while same < limit and cached[same] == tokens[same]:
-            same += 1
-        keep = same - same % self.chunk
+        keep = min(common_prefix(cached, tokens), len(tokens) - 1)  # always evaluate one token: fresh logits
         if not llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, 0, -1)  # cannot cut there: start over
             keep = 0
         self.cached[seq.seq_id] = tokens[:keep]
+        self.saved[seq.seq_id] = min(self.saved[seq.seq_id], keep)
         return keep
 
     # One step.
@@ -225,19 +277,31 @@ class Engine:
                 emit(Progress(seq.job.job_id, seq.n_past, seq.prompt_len))
             if seq.n_past == len(seq.tokens):
                 self._sample(seq, start + count - 1, emit)
+                if seq.n_past == seq.prompt_len:  # the prompt is read and its first token sent
+                    self.save(seq.seq_id)
 
     def _fill_batch(self) -> list[tuple[Sequence, int, int]]:
-        """(sequence, first batch row, rows) for each sequence in this step's batch."""
-        batch, rows, n = self.batch, [], 0
+        """(sequence, first batch row, rows) for each sequence in this step's batch.
+
+        The prefill budget goes to the least pending work first, but the rows are written in KV
+        sequence order: with a non-unified KV cache llama.cpp splits a batch whose sequence ids
+        are out of order into several ubatches (measured in-process: a step of four one-token
+        rows took 30 ms in order, 40-51 ms scrambled), and once slots have been reused the
+        pending order scrambles the sequence ids.
+        """
         decoding = any(s.pending() == 1 for s in self.active.values())
         piece = budget = self.busy_chunk if decoding else self.chunk
+        planned = []
         for seq in sorted(self.active.values(), key=lambda s: s.pending()):
             want = seq.pending()
-            if want > 1:  # a prefill piece, ending on a multiple of the piece size (see _reuse_prefix)
+            if want > 1:  # a prefill piece, ending on a multiple of the piece size
                 want = min(want, piece - seq.n_past % piece, budget)
                 if want <= 0:
                     continue
                 budget -= want
+            planned.append((seq, want))
+        batch, rows, n = self.batch, [], 0
+        for seq, want in sorted(planned, key=lambda p: p[0].seq_id):
             for i in range(want):
                 pos = seq.n_past + i
                 batch.token[n + i] = seq.tokens[pos]
@@ -260,6 +324,7 @@ class Engine:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, held, -1)
             seq.n_past = min(held, len(seq.tokens))
             self.cached[seq.seq_id] = seq.tokens[: seq.n_past]
+            self.saved[seq.seq_id] = min(self.saved[seq.seq_id], seq.n_past)
             if self.cancelled(seq):
                 self._end(seq, Cancelled(seq.job.job_id, seq.text(), Tier.NATIVE, seq.usage()), emit)
 
@@ -293,7 +358,8 @@ class Engine:
         self._end(seq, Done(seq.job.job_id, seq.text(), reason, seq.usage()), emit)
 
     def _end(self, seq: Sequence, message: object, emit: Emit) -> None:
-        """The sequence leaves the batch; its KV stays for the slot's next prompt to reuse."""
+        """The sequence leaves the batch; its KV stays for the slot's next prompt to reuse (and is
+        saved when another conversation takes it)."""
         del self.active[seq.job.slot]
         seq.free()
         emit(message)
@@ -301,6 +367,16 @@ class Engine:
     def _drop_kv(self, seq: Sequence) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, 0, -1)
         self.cached[seq.seq_id] = []
+        self.saved[seq.seq_id] = 0
+
+    def close(self) -> None:
+        """A clean exit (the pool closed the job pipe): what the slots hold goes to the store,
+        and the writes still on their way to disk are waited for, so a restarted service finds
+        every conversation."""
+        if self.store is not None:
+            for seq_id in range(self.slots):
+                self.save(seq_id)
+            self.store.flush()
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -309,15 +385,6 @@ class Engine:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _sleep_in_c(seconds: float) -> None:

@@ -75,6 +75,7 @@ def main(
     results.send(Ready(os.getpid(), os.path.basename(model_path), engine.n_ctx, engine.slots, packages,
                        engine.format.name))
     serve(engine, jobs, results)
+    engine.close()
 
 
 def serve(engine: Any, jobs: Connection, results: Connection) -> None:

@@ -66,6 +66,8 @@ class Sequence:
     n_vocab: int = 0
     constraint: Constraint | None = None  # its own grammar, if the job asked for a format
     n_past: int = 0
+    reused: int = 0  # prompt tokens found in the KV cache when the job joined
+    cached_from: str = ""  # where those came from: "slot", "ram" or "disk" ("" if none)
     sampled: int = 0  # tokens sampled by this job
     unsent: int = 0  # sampled since the last Token message
     parts: list[str] = field(default_factory=list)
@@ -81,7 +83,7 @@ class Sequence:
         return len(self.tokens) - self.n_past
 
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.sampled)
+        return Usage(self.prompt_tokens, self.sampled, min(self.reused, self.prompt_tokens), self.cached_from)
 
     def text(self) -> str:
         return "".join(self.parts)

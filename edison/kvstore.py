@@ -1,0 +1,312 @@
+"""Saved KV caches, outside the worker process: a conversation that comes back after its slot was
+taken, after its worker was killed, or after the service restarted, restores its history's KV
+cache instead of reading it again.
+
+An entry is one file: a header (format, the identity of the model and context it was made
+with, its tokens, a CRC of the state) and the bytes of `llama_state_seq_get_data` for one
+sequence. Two tiers, each a directory with a budget: RAM (tmpfs: a SIGKILLed worker loses
+nothing, and a restarted service still finds it) and disk under the cache directory (survives a
+reboot). A save goes to RAM at once and to disk behind it, on a thread; the least recently used
+entry goes first when a tier is over budget. Every worker of the pool shares the directories;
+files are written beside their final name and renamed, so a reader never sees half an entry.
+
+Pure Python (no llama_cpp): the web process reads the tiers' use from here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+import zlib
+from array import array
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from edison.model import cache_dir
+from edison.settings import Settings
+
+logger = logging.getLogger("edison.kvstore")
+
+FORMAT = 1
+MAGIC = b"EDISONKV"
+_HEAD = struct.Struct("<8sII")  # magic, format, header JSON length
+SUFFIX = ".kv"
+
+
+def identity(settings: Settings, model_path: str) -> str:
+    """What a saved state is valid for: the model file (its size and a hash of its first 4 MiB,
+    computed once per process), the settings that shape the KV cache, llama.cpp's version and
+    this file format. Any change makes every older entry a miss."""
+    size = os.path.getsize(model_path)
+    with open(model_path, "rb") as f:
+        head = hashlib.sha256(f.read(4 << 20)).hexdigest()
+    try:
+        llama = version("llama-cpp-python")
+    except PackageNotFoundError:
+        llama = "unknown"
+    m = settings.model
+    layout = {"n_ctx": m.n_ctx, "flash_attn": m.flash_attn, "kv_type": "f16", "swa_full": True, "kv_unified": False}
+    text = json.dumps({"format": FORMAT, "model": [size, head], "layout": layout, "llama": llama}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    path: Path
+    tier: str
+    tokens: array  # 'i': the token ids whose KV the entry holds
+
+
+class Tier:
+    def __init__(self, name: str, directory: Path, budget: int) -> None:
+        self.name, self.directory, self.budget = name, directory, budget
+        self.index: dict[str, Entry] = {}  # by file name
+        self.broken = False  # a write failed (a full disk): no more writes from this process
+
+    def scan(self, ident: str) -> list[Entry]:
+        """The tier's entries, their headers read once per file (other workers add and remove)."""
+        found = self._listing()
+        names = {e.name: e for e in found if e.name.endswith(SUFFIX)}
+        for e in found:  # half-written by a process that died while writing ("<key>.<pid>.partial")
+            pid = e.name.split(".")[-2] if e.name.endswith(".partial") else ""
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                Path(e.path).unlink(missing_ok=True)
+        for gone in self.index.keys() - names.keys():
+            del self.index[gone]
+        for name in names.keys() - self.index.keys():
+            path = self.directory / name
+            tokens = read_tokens(path, ident)
+            if tokens is not None:
+                self.index[name] = Entry(path, self.name, tokens)
+        return list(self.index.values())
+
+    def used(self) -> tuple[int, int]:
+        """(entries, bytes) on disk now, whoever wrote them."""
+        sizes = [size for _, size, _ in self._files()]
+        return len(sizes), sum(sizes)
+
+    def trim(self, keep: Path | None = None) -> None:
+        """Least recently used first (a hit touches its file), until the tier fits its budget."""
+        files = self._files()
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.budget:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
+
+    def _listing(self) -> list[os.DirEntry[str]]:
+        try:
+            return list(os.scandir(self.directory))
+        except OSError:  # not there yet, or not a directory at all: an empty tier
+            return []
+
+    def _files(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every entry; one that vanishes meanwhile (another worker) is skipped."""
+        files = []
+        for e in self._listing():
+            if e.name.endswith(SUFFIX):
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                files.append((st.st_mtime, st.st_size, Path(e.path)))
+        return files
+
+
+def read_tokens(path: Path, ident: str) -> array | None:
+    """The tokens of a valid entry of this identity; anything else is dropped with one log line."""
+    try:
+        with open(path, "rb") as f:
+            header = _read_header(f, ident)
+            tokens = array("i")
+            tokens.frombytes(f.read(4 * header["n_tokens"]))
+        if len(tokens) != header["n_tokens"] or path.stat().st_size != _size(header):
+            raise ValueError("truncated")
+        return tokens
+    except FileNotFoundError:
+        return None  # another worker evicted it
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        drop(path, exc)
+        return None
+
+
+def _read_header(f: Any, ident: str) -> dict[str, Any]:
+    magic, fmt, length = _HEAD.unpack(f.read(_HEAD.size))
+    if magic != MAGIC or fmt != FORMAT:
+        raise ValueError(f"not an Edison KV entry of format {FORMAT}")
+    header = json.loads(f.read(length))
+    header["header_bytes"] = _HEAD.size + length
+    if header["identity"] != ident:
+        raise ValueError("made with another model file or context settings")
+    return header
+
+
+def _size(header: dict[str, Any]) -> int:
+    return header["header_bytes"] + 4 * header["n_tokens"] + header["state_bytes"]
+
+
+def drop(path: Path, why: object) -> None:
+    logger.warning("Dropped the saved KV cache %s: %s", path, why)
+    path.unlink(missing_ok=True)
+
+
+def common_prefix(a: Any, b: Any) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class KVStore:
+    """One per worker process (and one in the web process, to report the tiers' use)."""
+
+    def __init__(self, tiers: list[Tier], ident: str, min_tokens: int) -> None:
+        self.tiers = [t for t in tiers if t.budget > 0]
+        self.ident, self.min_tokens = ident, min_tokens
+        self.pending: queue.Queue[tuple[Tier, str, bytes | Path, list[int]] | None] = queue.Queue(maxsize=4)
+        self.writer: threading.Thread | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, model_path: str) -> KVStore | None:
+        kv = settings.kv_cache
+        if kv.ram_mib <= 0 and kv.disk_mib <= 0:
+            return None
+        ident = identity(settings, model_path)
+        return cls([Tier(name, directory / ident[:16], budget) for name, directory, budget in tier_places(settings)],
+                   ident, kv.min_tokens)
+
+    # Finding and reading.
+
+    def lookup(self, tokens: list[int], beyond: int) -> tuple[Entry, int] | None:
+        """The entry sharing the longest prefix with `tokens`, if it shares more than `beyond`
+        tokens; RAM before disk when both hold as much."""
+        best: tuple[Entry, int] | None = None
+        for tier in self.tiers:
+            for entry in tier.scan(self.ident):
+                shared = common_prefix(entry.tokens, tokens)
+                if shared > beyond and (best is None or shared > best[1]):
+                    best = (entry, shared)
+        return best
+
+    def load(self, entry: Entry) -> bytes | None:
+        """The entry's state, checked against its CRC; None if it is gone or damaged (dropped)."""
+        try:
+            with open(entry.path, "rb") as f:
+                header = _read_header(f, self.ident)
+                f.seek(header["header_bytes"] + 4 * header["n_tokens"])
+                state = f.read()
+            if len(state) != header["state_bytes"] or zlib.crc32(state) != header["crc32"]:
+                raise ValueError("truncated or corrupt (CRC mismatch)")
+            os.utime(entry.path)  # most recently used
+            return state
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.forget(entry, exc)
+            return None
+
+    def forget(self, entry: Entry, why: object) -> None:
+        drop(entry.path, why)
+        for tier in self.tiers:
+            tier.index.pop(entry.path.name, None)
+
+    # Saving.
+
+    def save(self, tokens: list[int], state: bytes) -> None:
+        """Into the first tier now (a tmpfs write of a few MiB), into the others behind it."""
+        if len(tokens) < self.min_tokens or not self.tiers:
+            return
+        name = hashlib.sha256(array("i", tokens).tobytes()).hexdigest()[:32] + SUFFIX
+        header = json.dumps({"identity": self.ident, "n_tokens": len(tokens), "state_bytes": len(state),
+                             "crc32": zlib.crc32(state)}).encode()
+        blob = _HEAD.pack(MAGIC, FORMAT, len(header)) + header + array("i", tokens).tobytes()
+        ram = self.tiers[0] if self.tiers[0].name == "ram" else None
+        written = self._write(ram, name, blob + state, tokens) if ram else None
+        for tier in self.tiers[1 if ram else 0:]:  # disk: written behind, never in the decode loop
+            source: bytes | Path = written if written is not None else blob + state
+            try:
+                self.pending.put_nowait((tier, name, source, tokens))
+            except queue.Full:
+                logger.info("KV cache: the %s tier is behind; one save skipped there", tier.name)
+                continue
+            self._start_writer()
+
+    def _write(self, tier: Tier, name: str, data: bytes, tokens: list[int]) -> Path | None:
+        if tier.broken:
+            return None
+        if len(data) > tier.budget:
+            logger.info("KV cache: a state of %.1f MiB is larger than the %s tier's budget: not saved there",
+                        len(data) / 2**20, tier.name)
+            return None
+        target = tier.directory / name
+        partial = target.with_suffix(f".{os.getpid()}.partial")
+        try:
+            tier.directory.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            tier.broken = True
+            logger.warning("KV cache: cannot write to the %s tier (%s): it is off for this process", tier.name, exc)
+            return None
+        self._drop_prefixes(tier, tokens, keep=name)
+        tier.trim(keep=target)
+        return target
+
+    def _drop_prefixes(self, tier: Tier, tokens: list[int], keep: str) -> None:
+        """An entry whose tokens the new one extends holds nothing the new one does not."""
+        for entry in tier.scan(self.ident):
+            if entry.path.name != keep and len(entry.tokens) <= len(tokens) and \
+                    common_prefix(entry.tokens, tokens) == len(entry.tokens):
+                entry.path.unlink(missing_ok=True)
+                tier.index.pop(entry.path.name, None)
+
+    def _start_writer(self) -> None:
+        if self.writer is None or not self.writer.is_alive():
+            self.writer = threading.Thread(target=self._write_behind, name="kv-write-behind", daemon=True)
+            self.writer.start()
+
+    def _write_behind(self) -> None:
+        while (item := self.pending.get()) is not None:
+            tier, name, source, tokens = item
+            try:
+                data = source.read_bytes() if isinstance(source, Path) else source
+            except FileNotFoundError:
+                continue  # evicted from RAM before it got here
+            self._write(tier, name, data, tokens)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Waits for the writes behind (tests, and a clean shutdown)."""
+        if self.writer is not None and self.writer.is_alive():
+            self.pending.put(None, timeout=timeout)
+            self.writer.join(timeout)
+
+    # Reporting.
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for tier in self.tiers:
+            entries, used = tier.used()
+            out[tier.name] = {"entries": entries, "bytes": used, "budget_bytes": tier.budget}
+        return out
+
+
+def tier_places(settings: Settings) -> list[tuple[str, Path, int]]:
+    """(name, directory, budget in bytes) of each tier, before the identity's subdirectory."""
+    kv = settings.kv_cache
+    ram = Path(kv.ram_dir or "/dev/shm") / f"edison-kv-{os.getuid()}"
+    disk = Path(kv.disk_dir).expanduser() if kv.disk_dir else cache_dir(settings.model) / "kv"
+    return [("ram", ram, kv.ram_mib << 20), ("disk", disk, kv.disk_mib << 20)]
