@@ -6,8 +6,10 @@ the slot from the last one. Replies are checked as counts (tests/support.py), ne
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,13 @@ class Conversation:
         self.history += [{"role": "user", "content": self.next}, {"role": "assistant", "content": done["response"]}]
         self.next = "Go on: 1, 2, 3,"
         return done["usage"]
+
+
+def saved_tokens(path: Path) -> int:
+    """How many tokens an entry holds, from its header (8-byte magic, format, JSON length, JSON)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 12)
+    return json.loads(data[16 : 16 + length])["n_tokens"]
 
 
 def entries(directory: Path) -> list[Path]:
@@ -86,11 +95,13 @@ def test_a_killed_workers_request_resumes_from_its_saved_prompt(make_service: Ma
 
 
 def test_a_restarted_service_restores_a_conversation_from_disk(make_service: MakeService) -> None:
-    svc = make_service({**ONE_SLOT, "kv_cache": {"ram_mib": 0}})  # no RAM tier: what a reboot leaves
+    # No RAM tier: what a reboot leaves. Saves of 16 new tokens or more: the 63 of a reply count.
+    svc = make_service({**ONE_SLOT, "kv_cache": {"ram_mib": 0, "min_tokens": 16}})
     ann = Conversation(svc, "Ann")
     first = ann.turn()
     svc.stop()  # a clean exit: the worker saves what its slot holds and waits for the disk writes
-    assert entries(kv_dirs(svc)[1]), "nothing saved to disk at exit"
+    saved = [saved_tokens(path) for path in entries(kv_dirs(svc)[1])]
+    assert saved and max(saved) > first["prompt_tokens"], saved  # its reply too, not only the prompt
     ann.svc = again_svc = Service(svc.config, svc.log_path).start()
     try:
         again = ann.turn()
