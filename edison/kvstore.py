@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import struct
 import threading
 import zlib
@@ -155,6 +156,23 @@ def _size(header: dict[str, Any]) -> int:
     return header["header_bytes"] + 4 * header["n_tokens"] + header["state_bytes"]
 
 
+def private_directory(directory: Path) -> None:
+    """Creates the tier's directory and its parent for this user only (a saved state holds a
+    conversation's tokens), and refuses one that another user made or that is a link: /dev/shm
+    is shared by every user of the machine."""
+    directory.parent.parent.mkdir(parents=True, exist_ok=True)
+    for path in (directory.parent, directory):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"{path} is not a directory of this user")
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+
+
 def drop(path: Path, why: object) -> None:
     logger.warning("Dropped the saved KV cache %s: %s", path, why)
     path.unlink(missing_ok=True)
@@ -253,8 +271,10 @@ class KVStore:
         target = tier.directory / name
         partial = target.with_suffix(f".{os.getpid()}.partial")
         try:
-            tier.directory.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(data)
+            private_directory(tier.directory)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(partial, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
