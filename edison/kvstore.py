@@ -258,8 +258,6 @@ class KVStore:
                 self.pending.put_nowait((tier, name, source, tokens))
             except queue.Full:
                 logger.info("KV cache: the %s tier is behind; one save skipped there", tier.name)
-                continue
-            self._start_writer()
 
     def _write(self, tier: Tier, name: str, data: bytes, tokens: list[int]) -> Path | None:
         if tier.broken:
@@ -294,8 +292,11 @@ class KVStore:
                 entry.path.unlink(missing_ok=True)
                 tier.index.pop(entry.path.name, None)
 
-    def _start_writer(self) -> None:
-        if self.writer is None or not self.writer.is_alive():
+    def start_writer(self) -> None:
+        """The thread that writes behind: started with the worker's engine, so that a worker has
+        the same threads from the start to the end (the soak counts them), and never in the web
+        process, which only reads the tiers' use."""
+        if self.writer is None and any(t.name != "ram" for t in self.tiers):
             self.writer = threading.Thread(target=self._write_behind, name="kv-write-behind", daemon=True)
             self.writer.start()
 
@@ -304,9 +305,9 @@ class KVStore:
             tier, name, source, tokens = item
             try:
                 data = source.read_bytes() if isinstance(source, Path) else source
-            except FileNotFoundError:
+            except OSError:
                 continue  # evicted from RAM before it got here
-            self._write(tier, name, data, tokens)
+            self._write(tier, name, data, tokens)  # never raises: a failed write turns the tier off
 
     def flush(self, timeout: float = 30.0) -> None:
         """Waits for the writes behind (tests, and a clean shutdown)."""

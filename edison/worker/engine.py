@@ -111,6 +111,8 @@ class Engine:
         self.flags, self.base = flags, base  # flags[base + slot] >= job_id: that job is cancelled
         self.abort = BatchAbort(self.ctx.ctx, flags)
         self.store = KVStore.open(settings, model_path)  # saved states outside this process, or None
+        if self.store is not None:
+            self.store.start_writer()
         self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
         self.last_used = [-1] * self.slots  # when a job last took each KV sequence (-1: never)
         self.jobs_taken = 0
