@@ -1,7 +1,7 @@
 """How much of each benchmark a run does: `FULL` (the default, about 45 minutes on 2 cores, and
-about 30 more for the conversations section, mostly llama-cpp-python's server reading every
-returning chat again one request at a time) and `QUICK` (a small subset of everything, about
-5 minutes)."""
+an estimated 25 more for the conversations section, mostly prefill: Edison reads a returning
+chat again once more chats than its 4 slots take turns, llama-cpp-python's server every time)
+and `QUICK` (a small subset of everything, about 5 minutes)."""
 
 from __future__ import annotations
 
