@@ -38,14 +38,17 @@ GAP_TARGET = (2.0, 0.05)  # the others' longest gap around a stop: at most 2x th
 AFTER_STOP_S = 0.5  # gaps that start this long after the stop still count as "around" it
 
 
+def shipped_edison(run: Run) -> Edison:
+    """Edison as `make run` ships it: config.toml's [pool], threads = cores / workers."""
+    shipped = load_settings(DEFAULT_CONFIG, **run.args.overrides).pool
+    return Edison(run.model, max(1, run.threads // shipped.workers), run.workdir, workers=shipped.workers,
+                  slots=shipped.slots)
+
+
 def contenders(run: Run) -> list[System]:
     """The systems of the section, as the run's `--systems` allow (Edison always)."""
     model, threads, workdir = run.model, run.threads, run.workdir
-    shipped = load_settings(DEFAULT_CONFIG, **run.args.overrides).pool
-    systems: list[System] = [
-        Edison(model, max(1, threads // shipped.workers), workdir, workers=shipped.workers, slots=shipped.slots),
-        Edison(model, max(1, threads // 2), workdir, workers=2, slots=1),
-    ]
+    systems: list[System] = [shipped_edison(run), Edison(model, max(1, threads // 2), workdir, workers=2, slots=1)]
     if "llama-server" in run.args.systems:
         systems += [LlamaServer(model, threads, workdir, parallel=4), LlamaServer(model, threads, workdir, parallel=1)]
     if "llama-cpp-server" in run.args.systems:
@@ -98,7 +101,7 @@ def concurrent_replies(system: System, clients: int, rng: random.Random, tokens:
     finally:
         for stream in streams:
             stream.close()
-    replies = [_reply(stream) for stream in streams]
+    replies = [reply(stream) for stream in streams]
     if any(r["ttft_s"] is None for r in replies):
         raise RuntimeError(f"a reply streamed no token: {replies}")
     start = min(s.sent_at for s in streams)
@@ -116,9 +119,9 @@ def concurrent_replies(system: System, clients: int, rng: random.Random, tokens:
     }
 
 
-def _reply(stream: SSEStream) -> dict[str, Any]:
+def reply(stream: SSEStream) -> dict[str, Any]:
     """One reply's token count (the server's usage when it says, else its text chunks), first
-    and last token times from the send, and how it finished."""
+    and last token times from the send, how it finished, and the usage as the server gave it."""
     stamps = [e.at for e in stream.events if e.name == "token"]
     finish, usage_event = stream.first("finish"), stream.first("usage")
     usage = (finish.data.get("usage") if finish else None) or (usage_event.data if usage_event else None)
@@ -129,6 +132,7 @@ def _reply(stream: SSEStream) -> dict[str, Any]:
         "ttft_s": stamps[0] - stream.sent_at if stamps else None,
         "last_token_s": stamps[-1] - stream.sent_at if stamps else 0.0,
         "finish_reason": finish.data["finish_reason"] if finish else None,
+        "usage": usage,
     }
 
 

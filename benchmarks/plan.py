@@ -1,4 +1,6 @@
-"""How much of each benchmark a run does: `FULL` (the default, about 45 minutes on 2 cores)
+"""How much of each benchmark a run does: `FULL` (the default, about 45 minutes on 2 cores, and
+an estimated 25 more for the conversations section, mostly prefill: Edison reads a returning
+chat again once more chats than its 4 slots take turns, llama-cpp-python's server every time)
 and `QUICK` (a small subset of everything, about 5 minutes)."""
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class Plan:
     slot_stop_delay_s: tuple[float, float] = (0.5, 4.0)  # the prefill stop, after the send
     slot_stop_tokens: tuple[int, int] = (2, 24)  # the decode stop, after this many of its tokens
     memory_slots: tuple[int, ...] = (3, 4)  # one worker started with each; every slot made busy in turn
+    # Conversations (benchmarks/conversations.py): N chats of `conversation_turns` turns each through
+    # /v1/chat/completions, interleaved across chats, at most `conversation_in_flight` at once.
+    conversation_counts: tuple[int, ...] = (4, 8, 16)  # N; one run per N per system
+    conversation_turns: int = 3
+    conversation_opening_tokens: int = 2000  # each chat's first message, distinct per chat
+    conversation_in_flight: int = 4  # the shipped worker's slots (and llama-server -np 4's)
+    conversation_reply_tokens: int = 64
+    conversation_decode_tokens: int = 128  # the last chats' extra turn, sent together: the decode phase
+    conversation_long_tokens: int = 6000  # the first message of the kill and restart trials (Edison only)
+    conversation_fault_trials: int = 3  # per kind: worker SIGKILL, service restart
 
 
 FULL = Plan(
@@ -101,4 +113,11 @@ QUICK = Plan(
     slot_stop_prompt_tokens=1500,
     slot_stop_delay_s=(0.3, 1.0),
     slot_stop_tokens=(2, 6),
+    conversation_counts=(2,),
+    conversation_turns=2,
+    conversation_opening_tokens=300,
+    conversation_reply_tokens=16,
+    conversation_decode_tokens=16,
+    conversation_long_tokens=800,
+    conversation_fault_trials=1,
 )

@@ -85,9 +85,10 @@ def summarise(results: dict[str, Any]) -> list[Row]:
     rows += _throughput_rows(trials.get("throughput", []), trials.get("prefill_speed", []))
     rows += _memory_rows(trials.get("memory", []))
     rows += _load_rows(trials.get("load", []), trials.get("lag", {}))
-    from benchmarks import report_concurrency  # here: it imports this module
+    from benchmarks import report_concurrency, report_conversations  # here: they import this module
 
     rows += report_concurrency.summarise(trials)
+    rows += report_conversations.summarise(trials)
     return rows
 
 
@@ -294,7 +295,8 @@ NOTES = "## Notes (by hand)"
 def results_markdown(results: dict[str, Any], rows: list[Row], chart_name: str, previous: str = "") -> str:
     """RESULTS.md for this run; the "Soak" (benchmarks/soak.py --publish writes it) and "Notes (by
     hand)" sections of the `previous` file are kept."""
-    from benchmarks import report_concurrency as rc  # here: it imports this module
+    from benchmarks import report_concurrency as rc  # here: they import this module
+    from benchmarks import report_conversations
 
     meta = results["meta"]
     notes = previous[previous.index(NOTES) :] if NOTES in previous else f"{NOTES}\n\n(none yet)\n"
@@ -329,6 +331,7 @@ that numbers stay comparable across rounds, although the service's default model
 {throughput_headline(rows)}
 
 {rc.markdown(results, rows)}
+{report_conversations.markdown(results, rows)}
 ## All results
 
 {markdown_table(rows)}

@@ -4,8 +4,10 @@ one table and writes the JSON (raw samples, machine info) and the chart to bench
 Sections, in order: throughput (decode speed and the prefill of a ~6,000-token prompt) and
 memory of the head-to-head systems (they also warm them up), stop during decode, stop during
 prefill (the headline), recovery (a short request right after an abandoned long one), wedged
-workers, Edison's memory with 1/2/4 workers, Edison under load, and concurrency (many clients
-at once on each system, one stop among busy slots, memory per slot: benchmarks/concurrency.py).
+workers, Edison's memory with 1/2/4 workers, Edison under load, concurrency (many clients
+at once on each system, one stop among busy slots, memory per slot: benchmarks/concurrency.py),
+and conversations (chats that come back, a worker killed and a service restarted under a long
+chat: benchmarks/conversations.py).
 The head-to-head systems are measured interleaved, trial by trial, so that contention from
 other work on the machine hits them alike.
 
@@ -35,14 +37,14 @@ from typing import Any
 import psutil
 
 from benchmarks import BENCH_MODEL
-from benchmarks import concurrency, llama_server, report, scenarios
+from benchmarks import concurrency, conversations, llama_server, report, scenarios
 from benchmarks.plan import FULL, QUICK, Plan
 from benchmarks.systems import SYSTEMS, Edison, InProcess, System
 from benchmarks.workload import long_message
 from edison.settings import DEFAULT_CONFIG, ModelSettings, load_settings
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("throughput", "decode", "prefill", "recovery", "wedge", "memory", "load", "concurrency")
+SECTIONS = ("throughput", "decode", "prefill", "recovery", "wedge", "memory", "load", "concurrency", "conversations")
 HEAD_TO_HEAD = ("throughput", "decode", "prefill", "recovery", "wedge", "memory")  # on the --systems, all started at once
 
 
@@ -76,7 +78,8 @@ class Run:
         self.rng = random.Random(args.seed)
         self.trials: dict[str, Any] = {
             s: [] for s in ("throughput", "prefill_speed", "memory", "stop", "recovery", "wedge", "load",
-                            "concurrency", "slot_stop", "slot_memory")
+                            "concurrency", "slot_stop", "slot_memory", "conversations", "conversation_kill",
+                            "conversation_restart")
         }
         self.trials["lag"] = {"idle": [], "loaded": []}
         self.errors: list[dict[str, Any]] = []
@@ -101,6 +104,8 @@ class Run:
             "load": p.load_trials + 1,
             "concurrency": concurrency.steps(p, 2 + 2 * ("llama-server" in self.args.systems)
                                              + ("llama-cpp-server" in self.args.systems)),
+            "conversations": conversations.steps(p, 1 + ("llama-server" in self.args.systems)
+                                                 + ("llama-cpp-server" in self.args.systems)),
         }
         return any(self.wants(s) for s in HEAD_TO_HEAD) + sum(v for k, v in counts.items() if self.wants(k))
 
@@ -164,6 +169,8 @@ class Run:
             self.load()
         if self.wants("concurrency"):
             concurrency.section(self)
+        if self.wants("conversations"):
+            conversations.section(self)
 
     def head_to_head_sections(self, systems: list[System], edison: Edison, inproc: InProcess) -> None:
         self.progress.show("starting the head-to-head systems")

@@ -160,7 +160,7 @@ def wedge_trial(system: Edison, kind: str, rng: random.Random) -> dict[str, Any]
             record["cancel_to_done_s"] = done.at - t0
             record["done"] = {k: v for k, v in done.data.items() if k != "response"}
             follow = system.open(counting(rng), max_tokens=32)
-            ready_at = _replacement_ready(system, old=pid, timeout=60)
+            ready_at = replacement_ready(system, old=pid, timeout=60)
             first = follow.wait_for("token", 60)
             follow.disconnect()  # the first token is all this trial wants of it
             wait_until(lambda: probe.gone_at is not None, timeout=10)
@@ -175,12 +175,12 @@ def wedge_trial(system: Edison, kind: str, rng: random.Random) -> dict[str, Any]
     return record
 
 
-def _replacement_ready(system: Edison, old: int, timeout: float) -> float | None:
+def replacement_ready(system: Edison, old: int, timeout: float) -> float | None:
     """When /health first shows a ready worker that is not `old` (polled every 10 ms)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for worker in system.health(verbose=True)["worker_details"]:
-            if worker["pid"] != old and worker["state"] in ("idle", "busy"):
+            if worker["pid"] != old and worker["state"] == "ready":  # starting, ready or killing
                 return time.monotonic()
         time.sleep(0.01)
     return None

@@ -5,8 +5,10 @@ loopback port. It can `open` a streaming request (an `SSEStream`, normalised to
 init/token/progress/queued/done events), maybe `cancel` it, name the process that does the
 computing for it (`compute_pid`), and list its processes for the memory table. Every system
 also answers `open_completion`: the same greedy reply through its OpenAI-style streaming
-`/v1/completions`, which the concurrency section sends to all of them alike. Adding another
-system is one more subclass here and one more entry in `SYSTEMS`.
+`/v1/completions`, which the concurrency section sends to all of them alike, and `open_chat`:
+a conversation's messages through `/v1/chat/completions` (the conversations section), which
+each server renders with its own chat format. Adding another system is one more subclass here
+and one more entry in `SYSTEMS`.
 
 Every system gets the same model file and thread count. Edison (and the in-process reference)
 run Edison's [model] settings from config.toml, with the run's `--set` overrides; the others
@@ -186,6 +188,16 @@ class System:
         return SSEStream(self.port, "/v1/completions", self.completion_body(transcript(message), max_tokens),
                          translate=openai_events)
 
+    def chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        # No stop strings: each server renders the messages its own way and knows its turn ends.
+        return {"messages": messages, "max_tokens": max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, **SAMPLING}
+
+    def open_chat(self, messages: list[dict[str, str]], max_tokens: int) -> SSEStream:
+        """A streaming `/v1/chat/completions` of these messages, greedy, `max_tokens` at most."""
+        return SSEStream(self.port, "/v1/chat/completions", self.chat_body(messages, max_tokens),
+                         translate=openai_events)
+
     def compute_pid(self, stream: SSEStream) -> int:
         assert self.process
         return self.process.pid  # one process does everything
@@ -271,10 +283,16 @@ class Edison(System):
     def completion_body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         """Edison's /v1 takes the OpenAI fields only: top_k, min_p and repeat_penalty come from the
         mode (`edison-n<len>`, built from SAMPLING); usage tells how many tokens a chunk merged."""
+        return {"prompt": prompt, "stop": STOPS, **self._openai_fields(max_tokens)}
+
+    def chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        return {"messages": messages, **self._openai_fields(max_tokens)}  # its transcript format adds its stop
+
+    def _openai_fields(self, max_tokens: int) -> dict[str, Any]:
         mode = min((n for n in REPLY_LENGTHS if n >= max_tokens), default=LONG_REPLY)
         openai = {k: SAMPLING[k] for k in ("temperature", "top_p", "seed")}
-        return {"model": f"edison-n{mode}", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                "stop": STOPS, "stream_options": {"include_usage": True}, **openai}
+        return {"model": f"edison-n{mode}", "max_tokens": max_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, **openai}
 
     def kills(self) -> float:
         """`edison_worker_kills_total` from /metrics: workers the pool itself killed."""
@@ -367,10 +385,10 @@ def _openai_events(name: str, data: str, at: float) -> Event | None:
 
 
 def openai_events(name: str, data: str, at: float) -> Event | None:
-    """Streaming `/v1/completions` of any system: `init` (a chunk with no text and no finish, as
-    Edison sends first: its `id` is the request id `/chat/cancel` takes), `token`, `finish` (the
-    finish_reason, and usage if the chunk has it), `usage` (a choiceless usage chunk), `done`
-    ([DONE]), or `done` with ok false for an error object."""
+    """Streaming `/v1/completions` or `/v1/chat/completions` of any system: `init` (a chunk with
+    no text and no finish, as Edison sends first: its `id` is the request id `/chat/cancel`
+    takes), `token`, `finish` (the finish_reason, and usage if the chunk has it), `usage` (a
+    choiceless usage chunk), `done` ([DONE]), or `done` with ok false for an error object."""
     if data.strip() == "[DONE]":
         return Event("done", {"ok": True}, at)
     chunk = json.loads(data)
@@ -379,11 +397,12 @@ def openai_events(name: str, data: str, at: float) -> Event | None:
     if not chunk.get("choices"):
         return Event("usage", chunk.get("usage") or {}, at)
     choice = chunk["choices"][0]
+    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""  # completion or chat
     if choice.get("finish_reason"):
         return Event("finish", {"finish_reason": choice["finish_reason"], "usage": chunk.get("usage"),
-                                "text": choice.get("text") or ""}, at)
-    if choice.get("text"):
-        return Event("token", {"t": choice["text"]}, at)
+                                "text": text}, at)
+    if text:
+        return Event("token", {"t": text}, at)
     return Event("init", {"request_id": chunk.get("id")}, at)
 
 

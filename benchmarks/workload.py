@@ -43,6 +43,18 @@ def long_message(rng: random.Random, tokens: int = PREFILL_TOKENS) -> str:
     return f"{nonce(rng)} Summarise this text.\n\n{long_text(tokens)}"
 
 
+def conversation_opening(rng: random.Random, tokens: int) -> str:
+    """A chat's first message: about `tokens` tokens of text, distinct per chat (its nonce comes
+    first), ending in a counting request so that the base model's reply runs to its budget."""
+    return f"{nonce(rng)} Here is a text.\n\n{long_text(tokens)}\n\n{COUNTING}"
+
+
+def follow_up(turn: int) -> str:
+    """A returning turn's short new message (~25 tokens): counting on, for the same reason."""
+    start = 100 * turn
+    return f"Now count on from {start}, separated by commas: {start}, {start + 1}, {start + 2},"
+
+
 def transcript(message: str) -> str:
     """The exact prompt text Edison renders for this message with the bundled model (no chat
     template, no system prompt in the benchmark modes); the baselines get the same text."""

@@ -1,6 +1,7 @@
 """`python -m benchmarks --quick` runs end to end: every system starts (llama.cpp's own server
-included, built from source the first time), every section measures something, and the JSON
-and the chart are written. `python -m benchmarks.soak` runs 100 mixed cycles against one
+included, built from source the first time), every section measures something (conversations
+too: chats that come back, a worker killed and a service restarted under a long chat), and the
+JSON and the chart are written. `python -m benchmarks.soak` runs 100 mixed cycles against one
 service and finds nothing leaked, and no kill that no fault asked for. Needs the `bench` extra (matplotlib and llama-cpp-python's server);
 skipped without it. Not a performance test: numbers on a shared
 machine are noise, so nothing here asserts a latency.
@@ -93,6 +94,20 @@ def test_quick_benchmark_runs_end_to_end(tmp_path: Path, llama_server_binary: Pa
     memory = trials["slot_memory"]
     assert {(r["slots"], r["busy"]) for r in memory} >= {(4, 0), (4, 1), (4, 4), (3, 3)}
     assert "slot 4 configured" in run.stdout
+
+    labels = trials["conversations_systems"]
+    assert {s.split(" ")[0] for s in labels} == {"edison", "llama-server", "llama-cpp-server"}
+    for label in labels:
+        [chats] = [r for r in trials["conversations"] if r["system"] == label]
+        assert len(chats["requests"]) == chats["conversations"] * chats["turns"], label
+        assert chats["returning_ttft_s"] and all(t is not None for t in chats["first_ttft_s"] + chats["returning_ttft_s"]), label
+        # llama-cpp-python's llama-2 fallback makes the base model end returning turns at once: nothing to decode.
+        assert label.startswith("llama-cpp-server") or chats["decode_tokens_per_s"] > 0, label
+    [kill] = trials["conversation_kill"]
+    assert kill["resumed"] == 1 and kill["kill_to_next_token_s"] > 0 and kill["usage"]["prompt_tokens"] > 500
+    [restart] = trials["conversation_restart"]
+    assert restart["after_restart_ttft_s"] > 0 and restart["requests"][-1]["usage"]["prompt_tokens"] > 500
+    assert "conversations N=2" in run.stdout and "kill → next token" in run.stdout
 
 
 @pytest.mark.timeout(2400)
