@@ -21,10 +21,12 @@ benchmark that is SIGKILLed leaves no server behind; `stop()` ends what it start
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +212,20 @@ class System:
         return {"name": self.name, "label": self.label, "threads": self.threads, "argv": self.argv()}
 
 
+def kv_ram_dir(workdir: Path) -> Path:
+    """This benchmark process's own RAM tier for Edison's saved KV states, in tmpfs as shipped:
+    no run finds another's conversations (a warm first turn would be a lie), and it is removed
+    when the process exits. (The disk tier goes into the run's workdir.)"""
+    path = Path("/dev/shm") / f"edison-bench-{os.getpid()}"
+    if not _ram_dirs:
+        atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _ram_dirs])
+    _ram_dirs.add(path)
+    return path
+
+
+_ram_dirs: set[Path] = set()
+
+
 class Edison(System):
     name = "edison"
 
@@ -241,6 +257,8 @@ class Edison(System):
             '[server]\nhost = "127.0.0.1"\nlog_level = "info"\n'
             "[model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
             + "[pool]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.pool_settings().items())
+            + f"[kv_cache]\nram_dir = {json.dumps(str(kv_ram_dir(self.workdir)))}\n"
+            + f"disk_dir = {json.dumps(str(self.workdir / 'kv-disk'))}\n"
             + "[debug]\nallow_wedge = true\n" + modes
         )
 

@@ -156,7 +156,8 @@ def test_completions_whole_and_streamed_agree_with_the_tokenizer(service: Servic
     ))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage == whole.usage
+    counts = lambda u: (u.prompt_tokens, u.completion_tokens, u.total_tokens)  # noqa: E731
+    assert counts(chunks[-1].usage) == counts(whole.usage)  # (how much of the prompt was cached may differ)
 
 
 # Cancellation.
