@@ -202,20 +202,20 @@ class Engine:
         """Where the prompt's cached prefix comes from: the slot's own KV ("slot"), or a saved
         state that shares more of it ("ram", "disk"), restored into the slot's sequence here, in
         a few milliseconds between steps (a cancel lands at the next step, as in a prefill)."""
+        if self.store is None:
+            return "slot"
         in_slot = common_prefix(self.cached[seq.seq_id], seq.tokens)
-        found = self.store.lookup(seq.tokens, beyond=max(in_slot, self.store.min_tokens)) if self.store else None
-        if found is None:
+        found = self.store.lookup(seq.tokens, beyond=max(in_slot, self.store.min_tokens))
+        state = self.store.load(found[0]) if found else None
+        if found is None or state is None:
             return "slot"
-        entry, _ = found
-        state = self.store.load(entry)  # type: ignore[union-attr]
-        if state is None:
-            return "slot"
+        entry = found[0]
         self._drop_kv(seq)
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), seq.seq_id)
         held = llama_cpp.llama_memory_seq_pos_max(self.memory, seq.seq_id) + 1
         if read == 0 or held != len(entry.tokens):
-            self.store.forget(entry, f"llama.cpp did not take it (read {read} bytes, {held} positions)")  # type: ignore[union-attr]
+            self.store.forget(entry, f"llama.cpp did not take it (read {read} bytes, {held} positions)")
             self._drop_kv(seq)
             return "slot"
         self.cached[seq.seq_id] = entry.tokens.tolist()
