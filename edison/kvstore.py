@@ -79,7 +79,7 @@ class Tier:
         for e in found:  # half-written by a process that died while writing ("<key>.<pid>.partial")
             pid = e.name.split(".")[-2] if e.name.endswith(".partial") else ""
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                Path(e.path).unlink(missing_ok=True)
+                remove(Path(e.path))
         for gone in self.index.keys() - names.keys():
             del self.index[gone]
         for name in names.keys() - self.index.keys():
@@ -102,7 +102,7 @@ class Tier:
             if total <= self.budget:
                 break
             if path != keep:
-                path.unlink(missing_ok=True)
+                remove(path)
                 total -= size
 
     def _listing(self) -> list[os.DirEntry[str]]:
@@ -175,7 +175,13 @@ def private_directory(directory: Path) -> None:
 
 def drop(path: Path, why: object) -> None:
     logger.warning("Dropped the saved KV cache %s: %s", path, why)
-    path.unlink(missing_ok=True)
+    remove(path)
+
+
+def remove(path: Path) -> None:
+    """A cache file goes; one that is gone already, or cannot go, is not worth an error."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def common_prefix(a: Any, b: Any) -> int:
@@ -275,8 +281,7 @@ class KVStore:
                 f.write(data)
             os.replace(partial, target)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
+            remove(partial)
             tier.broken = True
             logger.warning("KV cache: cannot write to the %s tier (%s): it is off for this process", tier.name, exc)
             return None
@@ -289,7 +294,7 @@ class KVStore:
         for entry in tier.scan(self.ident):
             if entry.path.name != keep and len(entry.tokens) <= len(tokens) and \
                     common_prefix(entry.tokens, tokens) == len(entry.tokens):
-                entry.path.unlink(missing_ok=True)
+                remove(entry.path)
                 tier.index.pop(entry.path.name, None)
 
     def start_writer(self) -> None:
