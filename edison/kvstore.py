@@ -252,10 +252,11 @@ class KVStore:
         """Into the first tier now (a tmpfs write of a few MiB), into the others behind it."""
         if len(tokens) < self.min_tokens or not self.tiers:
             return
-        name = hashlib.sha256(array("i", tokens).tobytes()).hexdigest()[:32] + SUFFIX
+        token_bytes = array("i", tokens).tobytes()
+        name = hashlib.sha256(token_bytes).hexdigest()[:32] + SUFFIX
         header = json.dumps({"identity": self.ident, "n_tokens": len(tokens), "state_bytes": len(state),
                              "crc32": zlib.crc32(state)}).encode()
-        blob = _HEAD.pack(MAGIC, FORMAT, len(header)) + header + array("i", tokens).tobytes()
+        blob = _HEAD.pack(MAGIC, FORMAT, len(header)) + header + token_bytes
         ram = self.tiers[0] if self.tiers[0].name == "ram" else None
         written = self._write(ram, name, blob + state, tokens) if ram else None
         for tier in self.tiers[1 if ram else 0:]:  # disk: written behind, never in the decode loop
