@@ -77,6 +77,13 @@ export class Sidebar {
     this.render();
   }
 
+  /** Remembers the model `conversation` talks to; it keeps its place in the list. */
+  setModel(conversation, model) {
+    if (conversation.model === model) return;
+    conversation.model = model;
+    if (this.list.includes(conversation)) saveIndex(this.list);
+  }
+
   delete(conversation) {
     this.hooks.stopIn(conversation);
     const position = this.list.indexOf(conversation);

@@ -6,8 +6,10 @@
 // 27,000-character prompt is ~54 KB of the origin's ~5 MB; when the quota is reached the page
 // says so (StorageFull) and the user can export and delete old conversations.
 //
-// Layout: an index (KEY_INDEX: [{id, title, renamed, created, updated}]) and one key per
+// Layout: an index (KEY_INDEX: [{id, title, renamed, created, updated, model}]) and one key per
 // conversation's messages (KEY_PREFIX + id), so saving a reply rewrites only its conversation.
+// `model` is the model the conversation talks to ("" = not chosen: the last model picked, else
+// the server's default); entries saved before it existed have none and mean the same.
 // Anything read back is checked: a hand-edited or old entry is dropped, never trusted.
 
 const KEY_INDEX = "edison.conversations.v2";
@@ -16,6 +18,8 @@ const KEY_CURRENT = "edison.current.v2";
 /** The single conversation of earlier versions of the page; migrated into the list on load. */
 export const KEY_V1 = "edison.conversation.v1";
 const MODE_KEY = "edison.mode";
+/** The model picked last, for conversations that have not chosen one. */
+const MODEL_KEY = "edison.model";
 const STATES = new Set(["done", "stopped", "error"]);
 const TITLE_CHARS = 60;
 
@@ -62,6 +66,7 @@ export function cleanMessage(m) {
     // "streaming" was saved while a reply was running: the page was closed mid-reply.
     state: STATES.has(m.state) ? m.state : m.state === "streaming" ? "stopped" : "done",
     mode: str(m.mode),
+    model: str(m.model),
     error: str(m.error),
     finish: str(m.finish),
     stopNote: str(m.stopNote),
@@ -91,9 +96,9 @@ function newId() {
 }
 
 /** A conversation: metadata plus its messages (loaded on demand). */
-export function newConversation(messages = [], title = "") {
+export function newConversation(messages = [], title = "", model = "") {
   const now = Date.now();
-  return { id: newId(), title: title || titleFrom(messages), renamed: Boolean(title), created: now, updated: now, messages };
+  return { id: newId(), title: title || titleFrom(messages), renamed: Boolean(title), created: now, updated: now, model, messages };
 }
 
 export function loadIndex() {
@@ -103,12 +108,15 @@ export function loadIndex() {
     .filter((c) => c && typeof c.id === "string" && typeof c.title === "string")
     .map((c) => ({
       id: c.id, title: c.title, renamed: Boolean(c.renamed),
-      created: Number(c.created) || 0, updated: Number(c.updated) || 0, messages: null,
+      created: Number(c.created) || 0, updated: Number(c.updated) || 0,
+      model: typeof c.model === "string" ? c.model : "", messages: null,
     }));
 }
 
 export function saveIndex(conversations) {
-  write(KEY_INDEX, JSON.stringify(conversations.map(({ id, title, renamed, created, updated }) => ({ id, title, renamed, created, updated }))));
+  write(KEY_INDEX, JSON.stringify(conversations.map(({ id, title, renamed, created, updated, model }) => ({
+    id, title, renamed, created, updated, model: model || "",
+  }))));
 }
 
 /** The conversation's messages, read from storage the first time they are needed. */
@@ -194,6 +202,18 @@ export function loadMode() {
 export function saveMode(mode) {
   try {
     write(MODE_KEY, mode);
+  } catch {
+    // the choice just will not survive a reload
+  }
+}
+
+export function loadModel() {
+  return read(MODEL_KEY) || "";
+}
+
+export function saveModel(model) {
+  try {
+    write(MODEL_KEY, model);
   } catch {
     // the choice just will not survive a reload
   }

@@ -14,7 +14,7 @@ export function toJson(conversations) {
     version: 1,
     exported: new Date().toISOString(),
     conversations: conversations.map((c) => ({
-      title: c.title, renamed: c.renamed, created: c.created, updated: c.updated, messages: c.messages,
+      title: c.title, renamed: c.renamed, created: c.created, updated: c.updated, model: c.model || "", messages: c.messages,
     })),
   }, null, 2);
 }
@@ -56,6 +56,7 @@ function fromJson(text) {
     if (!messages.length) continue;
     const conversation = withTitle(newConversation(messages), item.title);
     if (Number.isFinite(item.created)) conversation.created = item.created;
+    if (typeof item.model === "string") conversation.model = item.model;
     out.push(conversation);
   }
   if (!out.length) throw new Error("the file holds no conversation with messages");
