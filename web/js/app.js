@@ -1,12 +1,13 @@
 // The chat page: the open conversation, Send/Stop, regenerate and edit, the health line.
 // It speaks the HTTP contract of docs/design.md: POST /chat/stream (SSE), POST /chat/cancel,
-// GET /modes, GET /health. Tested in a real browser by tests/test_browser*.py.
+// GET /modes, GET /models (models.js), GET /health. Tested in a real browser by tests/test_browser*.py.
 // With an API key on the server, auth.js asks for it on the first 401 and sends it from then on.
 
 import { AuthError, authFetch, authHeaders, onNewKey } from "./auth.js";
 import { ConnectionLost, HttpError, streamEvents } from "./sse.js";
 import { el } from "./render.js";
-import { copyText, fill, messageView, setCollapsed, startEdit } from "./messages.js";
+import { copyText, fill, messageView, nameModels, setCollapsed, startEdit } from "./messages.js";
+import { ModelPicker } from "./models.js";
 import { PrefillProgress, measure, stopNote } from "./phases.js";
 import { Sidebar } from "./sidebar.js";
 import { historyForServer, loadMode, saveMode } from "./store.js";
@@ -33,10 +34,20 @@ let modesFailed = false;
 let toastTimer = null;
 
 const sidebar = new Sidebar({
-  open: () => renderConversation(),
+  open: () => {
+    picker.showConversation();
+    renderConversation();
+  },
   busyIn: (c) => Boolean(turn && turn.conversation === c),
   stopIn: (c) => { if (turn && turn.conversation === c) stop(true); },
   notify,
+});
+
+const picker = new ModelPicker($("model"), $("model-picker"), {
+  conversation: () => sidebar.current,
+  choose: (conversation, name) => sidebar.setModel(conversation, name),
+  // Replies name their model only when there is a choice; a change shows (or hides) it at once.
+  listed: (names) => { if (nameModels(names.length > 1)) renderConversation(); },
 });
 
 // Rendering.
@@ -114,19 +125,24 @@ function onEvent(name, data) {
     t.requestId = data.request_id;
     console.log(`Streaming request started: ${data.request_id}`);
     t.view.dataset.requestId = data.request_id;
+    if (data.model) t.reply.model = data.model; // the server's word for the model that answers
     refreshHealth();
   } else if (name === "queued") {
     t.queued = true;
+    t.waitedOn = "queue";
     if (!t.tokens && !t.stopping) { t.view.dataset.state = "queued"; showPhase(`queued, position ${data.position}`); }
+  } else if (name === "progress" && data.phase === "loading") {
+    onLoading(t, data);
   } else if (name === "progress") {
     if (!t.tokens && data.total) {
-      if (!t.prefill) t.prefill = new PrefillProgress(t.queued ? t.lastEventAt : t.sentAt);
+      if (!t.prefill) t.prefill = new PrefillProgress(t.queued || t.loadingSeen ? t.lastEventAt : t.sentAt);
       t.prefill.update(data.done, data.total, now);
       t.view.dataset.prefill = `${data.done}/${data.total}`; // the server's own figure, beside the estimate
       if (!t.stopping) { t.view.dataset.state = "prefill"; drawPrefill(); }
     }
   } else if (name === "token") {
     if (!t.tokens) {
+      if (t.loadingSeen) picker.refresh({ force: true }); // the model is loaded now
       t.firstAt = now;
       if (!t.stopping) showPhase("");
       t.view.dataset.state = "streaming";
@@ -143,6 +159,18 @@ function onEvent(name, data) {
     finishFromDone(t, data);
   }
   t.lastEventAt = now;
+}
+
+/** The model this request needs is loading: "loading model NAME… (N s)" until the prompt is read. */
+function onLoading(t, data) {
+  if (!t.loadingSeen) picker.refresh({ force: true }); // its state in the picker: loading
+  t.loadingSeen = true;
+  t.waitedOn = "loading";
+  if (t.tokens || t.prefill || t.stopping) return;
+  const name = data.model || t.reply.model || "";
+  const seconds = Number.isFinite(data.elapsed_s) ? ` (${Math.floor(data.elapsed_s)} s)` : "";
+  t.view.dataset.state = "loading";
+  showPhase(`${name ? `loading model ${name}…` : "loading the model…"}${seconds}`);
 }
 
 function finishFromDone(t, data) {
@@ -186,7 +214,9 @@ function drawPrefill() {
 /** Sends `text` after `history` in `conversation` and streams the reply into it. */
 async function runTurn(conversation, text, history) {
   const mode = modeSelect.disabled ? undefined : modeSelect.value;
-  const reply = { role: "assistant", content: "", state: "streaming", mode: mode || "", error: "", stopNote: "" };
+  const model = picker.value; // "" against a server without model choice: it uses its own
+  const reply = { role: "assistant", content: "", state: "streaming", mode: mode || "", model, error: "", stopNote: "" };
+  if (model) sidebar.setModel(conversation, model); // the conversation keeps talking to it
   conversation.messages.push(reply);
   sidebar.save(conversation);
   const view = messageView(reply, conversation.messages.length - 1);
@@ -199,7 +229,7 @@ async function runTurn(conversation, text, history) {
   const sentAt = performance.now();
   turn = {
     conversation, reply, view, text: live, tokens: 0, requestId: null, controller: new AbortController(),
-    stopping: false, stoppedBy: "", queued: false, prefill: null, frame: null, graceTimer: null,
+    stopping: false, stoppedBy: "", queued: false, loadingSeen: false, waitedOn: "", prefill: null, frame: null, graceTimer: null,
     sentAt, firstAt: 0, lastAt: 0, lastEventAt: sentAt,
   };
   renderConversation();
@@ -210,6 +240,7 @@ async function runTurn(conversation, text, history) {
   try {
     const payload = { message: text, history };
     if (mode) payload.mode = mode;
+    if (model) payload.model = model;
     await streamEvents("/chat/stream", payload, t.controller.signal, onEvent);
   } catch (err) {
     failTurn(t, err);
@@ -245,7 +276,9 @@ function endTurn(t) {
   if (reply.state === "streaming") reply.state = "error"; // cannot happen: streamEvents ends with done or throws
   if (reply.state === "error") console.error(`Request ${t.requestId ?? "(no id)"} failed: ${reply.error}`);
   if (reply.state === "stopped") {
-    reply.stopNote = stopNote({ stoppedBy: t.stoppedBy, tokens: t.tokens, prefill: t.prefill?.real ?? 0, queued: t.queued });
+    reply.stopNote = stopNote({
+      stoppedBy: t.stoppedBy, tokens: t.tokens, prefill: t.prefill?.real ?? 0, queued: t.queued, loading: t.waitedOn === "loading",
+    });
     reply.stoppedBy = t.stoppedBy; // the server's cancellation tier, when its `done` said it
   }
   reply.stats = measure({ sentAt: t.sentAt, firstAt: t.firstAt, lastAt: t.lastAt || performance.now(), tokens: t.tokens });
@@ -260,6 +293,7 @@ function endTurn(t) {
   sidebar.render();
   if (pinned && t.conversation === sidebar.current) scrollToEnd();
   for (const ms of HEALTH_AFTER_TURN_MS) setTimeout(refreshHealth, ms);
+  picker.refresh({ force: true }); // loaded, or unloaded again (keep_alive)
   if (!document.activeElement || document.activeElement === document.body || document.activeElement === sendButton) input.focus();
 }
 
@@ -404,6 +438,7 @@ async function refreshHealth() {
   text.textContent = line;
   if (lastServerState && state !== lastServerState) announce(state === "ok" ? "The server is back." : `Server problem: ${line}`);
   lastServerState = state;
+  if (state === "ok" && picker.status === "unknown") picker.refresh(); // GET /models had no answer yet
 }
 
 // Wiring.
@@ -486,11 +521,15 @@ window.addEventListener("pagehide", () => {
   stop(true);
 });
 
-onNewKey(() => { if (modesFailed) loadModes(); });
+onNewKey(() => {
+  if (modesFailed) loadModes();
+  if (picker.status !== "ok") picker.load();
+});
 
 sidebar.render();
 renderConversation();
 loadModes();
+picker.load();
 refreshHealth();
 setInterval(refreshHealth, HEALTH_EVERY_MS);
 input.focus();

@@ -1,5 +1,5 @@
 // One message as DOM: who, body (Markdown for replies, plain text for the user), its state
-// line, small print (mode, speed) and its buttons (copy, regenerate, edit, show all).
+// line, small print (mode, model, speed) and its buttons (copy, regenerate, edit, show all).
 
 import { el, renderMarkdown, renderPlain } from "./render.js";
 import { statsLine } from "./phases.js";
@@ -7,6 +7,16 @@ import { statsLine } from "./phases.js";
 /** A user message longer than this (characters or lines) is collapsed behind "Show all". */
 const COLLAPSE_CHARS = 1200;
 const COLLAPSE_LINES = 14;
+
+/** Replies name their model in small print only when the server offers more than one. */
+let namingModels = false;
+
+/** Whether replies name their model; true if it changed (the caller then renders again). */
+export function nameModels(on) {
+  const changed = namingModels !== Boolean(on);
+  namingModels = Boolean(on);
+  return changed;
+}
 
 /** A message's view; `last` marks the conversation's last reply (it gets Regenerate). */
 export function messageView(message, index, { last = false } = {}) {
@@ -35,6 +45,7 @@ export function fill(view, message, { last = false } = {}) {
   const actions = view.querySelector(".actions");
   view.dataset.state = message.state || "done";
   view.removeAttribute("data-empty");
+  if (message.model) view.dataset.model = message.model;
   state.textContent = "";
   meta.textContent = "";
   actions.replaceChildren();
@@ -54,6 +65,7 @@ export function fill(view, message, { last = false } = {}) {
   }
   const parts = [];
   if (message.mode) parts.push(`mode: ${message.mode}`);
+  if (namingModels && message.model) parts.push(`model: ${message.model}`);
   if (message.finish) parts.push(message.finish);
   if (message.state === "stopped" && message.stoppedBy) parts.push(`stop tier: ${message.stoppedBy}`);
   const speed = statsLine(message.stats);

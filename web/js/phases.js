@@ -52,15 +52,19 @@ const TIERS = {
 
 /**
  * The words after "stopped": from the server's `stopped_by` tier when it sent one, and
- * otherwise from what the page saw (tokens received, last prompt progress, queue).
+ * otherwise from what the page saw (tokens received, last prompt progress, queue, a model
+ * loading). The server says "queued" for a stop while its model loads too: `loading` (the
+ * last wait the page saw was a load) tells the two apart.
  */
-export function stopNote({ stoppedBy, tokens, prefill, queued }) {
+export function stopNote({ stoppedBy, tokens, prefill, queued, loading = false }) {
   if (stoppedBy === "completed") return tokens > 0 ? `after ${tokens} token${tokens === 1 ? "" : "s"} (it had just finished)` : "(it had just finished)";
   if (tokens > 0) {
     const after = `after ${tokens} token${tokens === 1 ? "" : "s"}`;
     return stoppedBy === "kill" ? `${after} (the worker did not answer in time and was restarted)` : after;
   }
-  if (stoppedBy === "queued" || (!stoppedBy && queued && !prefill)) return "while waiting in the queue";
+  if (stoppedBy === "queued" || (!stoppedBy && (queued || loading) && !prefill)) {
+    return loading ? "while the model was loading" : "while waiting in the queue";
+  }
   if (prefill) {
     const pct = `${Math.floor(100 * prefill)} %`;
     return stoppedBy === "kill" ? `while reading the prompt (${pct}; the worker was restarted)` : `while reading the prompt (${pct})`;
