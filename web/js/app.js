@@ -408,6 +408,17 @@ function describeMode() {
   $("mode-description").classList.remove("error");
 }
 
+/** The models part of the status line: the one model's file, or which of several are loaded. */
+function modelsLine(h) {
+  const models = h.models && typeof h.models === "object" ? Object.entries(h.models) : [];
+  if (models.length > 1) {
+    const named = (state) => models.filter(([, m]) => m?.state === state).map(([name]) => name);
+    const loading = named("loading");
+    return ` · loaded: ${named("ready").join(", ") || "none"}${loading.length ? ` (loading ${loading.join(", ")})` : ""}`;
+  }
+  return h.model?.file ? ` · model ${h.model.file.replace(/\.gguf$/i, "")}` : "";
+}
+
 let healthSeq = 0;
 let lastServerState = "";
 
@@ -424,8 +435,8 @@ async function refreshHealth() {
     const w = h.workers || {};
     // Slots (sequences a worker decodes together) when the server batches; older servers have none.
     const slots = h.slots?.total ? ` · slots ${h.slots.busy ?? 0}/${h.slots.total} in use` : "";
-    // The model file the workers serve (older servers do not say).
-    const model = h.model?.file ? ` · model ${h.model.file.replace(/\.gguf$/i, "")}` : "";
+    // The model file the workers serve (older servers do not say); with several, the loaded ones.
+    const model = modelsLine(h);
     const counts = `workers ${w.ready ?? "?"}/${w.total ?? "?"} ready, ${w.busy ?? 0} busy${slots} · queue ${h.queue ?? 0} · active ${h.active_requests ?? 0}${model}`;
     state = response.ok ? "ok" : "down";
     line = response.ok ? `ready · ${counts}` : `no worker ready (${response.status}) · ${counts}`;

@@ -9,7 +9,7 @@ import { el } from "./render.js";
 import { loadModel, saveModel } from "./store.js";
 
 /** A model's state in GET /models, in the words beside its name. */
-const STATE_WORDS = { ready: "loaded", loading: "loading…", unloaded: "not loaded" };
+const STATE_WORDS = { ready: "loaded", loading: "loading…", unloading: "unloading…", unloaded: "not loaded" };
 /** Focus, a press on the picker and each reply's end all ask for the states: at most this often. */
 const REFRESH_MIN_MS = 1000;
 
@@ -103,8 +103,9 @@ export class ModelPicker {
       const state = String(m.state || (m.loaded ? "ready" : "unloaded"));
       option.textContent = `${m.name} (${STATE_WORDS[state] || state})`;
       option.dataset.state = state;
-      const about = Number.isFinite(m.estimate_mib) && m.estimate_mib > 0 ? `, about ${m.estimate_mib} MiB` : "";
-      option.title = m.file ? `${m.file}${about}` : "";
+      // The file and its size estimate on hover (what GET /models says beyond the state).
+      const about = Number.isFinite(m.estimate_mib) && m.estimate_mib > 0 ? `about ${m.estimate_mib} MiB` : "";
+      option.title = [m.file, about, m.name === this.fallback ? "the server's default" : ""].filter(Boolean).join(", ");
     });
     const first = this.status !== "ok";
     this.status = "ok";
