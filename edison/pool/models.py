@@ -253,6 +253,10 @@ class Models:
         while not self.closing:
             now = self.ticked = time.monotonic()
             for name, pool in list(self.pools.items()):
+                if pool.task is not None and pool.supervisor.all_given_up() and not pool.requests:
+                    # Its requests were answered with the reason; the next one tries a fresh load.
+                    self._unload(name, "none of its workers could load it (see above)")
+                    continue
                 if not pool.ready:
                     if pool.queue and now - getattr(pool, "announced", 0.0) >= LOADING_EVERY_S:
                         pool.announced = now  # type: ignore[attr-defined]
