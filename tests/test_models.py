@@ -240,3 +240,15 @@ def test_a_model_that_cannot_load_fails_its_request_and_is_tried_again_later(mak
         assert done["ok"] is False and "could be started" in done["error"], done
         wait_state(svc, "broken", "unloaded", within=5)
     assert count(svc).done.data["ok"]  # the others are untouched
+
+
+def test_the_least_recently_used_model_goes_first_not_the_oldest_load(make_service: MakeService) -> None:
+    config = two_models(max_loaded_models=2)
+    config["models"]["other"] = {"path": "smollm2-135m", **ONE}  # a third model (the same file will do)
+    svc = make_service(config)
+    assert count(svc, "small", mode="chat").done.data["ok"]  # loaded: gemma (first), small
+    assert count(svc).done.data["ok"]  # gemma used again: small is now the least recently used
+    small_pid = models(svc)["small"]["workers"][0]
+    assert count(svc, "other", mode="chat").done.data["ok"]
+    wait_gone(small_pid, within=5)
+    assert {n: m["state"] for n, m in models(svc).items()} == {"gemma": "ready", "small": "unloaded", "other": "ready"}
