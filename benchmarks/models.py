@@ -26,6 +26,7 @@ import atexit
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -223,6 +224,18 @@ class LlamaRouter(ModelService, System):
 
     def unload(self, model: str) -> Any:
         return http_json(self.port, "POST", "/models/unload", {"model": model}, timeout=60)
+
+    def load_time(self, model: str) -> float | None:
+        """From the model's last child's log lines: its start to its "model loaded" (M.SS.mmm.uuu)."""
+        assert self.process
+        log = self.process.log_path.read_text(errors="replace")
+        ports = re.findall(rf"spawning server instance with name={re.escape(model)} on port (\d+)", log)
+        loaded = r"\] (\d+)\.(\d+)\.(\d+)\.(\d+) I srv +llama_server: model loaded"
+        stamps = ports and re.findall(rf"\[{ports[-1]}{loaded}", log)
+        if not stamps:
+            return None
+        minutes, seconds, millis, micros = map(int, stamps[-1])
+        return minutes * 60 + seconds + millis / 1e3 + micros / 1e6
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process and self.process.alive():
