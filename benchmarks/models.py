@@ -294,7 +294,7 @@ def ask(service: ModelService, model: str, message: str = QUESTION, timeout: flo
 def unload_all(service: ModelService) -> list[str]:
     loaded = [name for name, state in service.states().items() if state != "unloaded"]
     for name in loaded:
-        service.unload(name)
+        service.unload(name)  # Edison's answers once the workers are gone; llama-server's at once
     wait_until(lambda: not service.model_pids(), timeout=30)
     return loaded
 
@@ -386,7 +386,7 @@ def stop_load(service: EdisonModels | LlamaRouter, model: str, how: str, delay: 
             wait_until(lambda: probe.gone_at is not None or service.states()[model] == "ready", 15, 0.005)
             idle = probe.idle_after(at, timeout=30)  # a model that loaded anyway may compute the reply
         done = stream.wait_for("done", 10) if how == "cancel" else None
-        settled = wait_until(lambda: service.states()[model] != "loading", timeout=15, interval=0.01)
+        settled = wait_until(lambda: service.states()[model] in ("unloaded", "ready"), timeout=15, interval=0.01)
         return {"model": model, "how": how, "delay_s": delay, "at_cancel": before, "cancel_answer": answer,
                 "cancel_to_done_s": done.at - at if done else None, "done": done.data if done else None,
                 "cancel_to_worker_gone_s": probe.gone_at - at if probe.gone_at else None,
