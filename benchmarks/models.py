@@ -398,15 +398,18 @@ def stop_load(service: EdisonModels | LlamaRouter, model: str, how: str, delay: 
 
 
 def memory(names: list[str], workdir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Per system: the whole tree before any load, after a load of each model in turn (and one
-    reply), and after its unload (the model process gone, then 1 s to settle)."""
+    """Per system: the whole tree as started (Edison loads its default model at start-up), with no
+    model loaded (the base), after a load of each model in turn (and one reply), and after its
+    unload (the model process gone, then 1 s to settle)."""
     rows = []
     for name in names:
         service = start(FACTORIES[name](workdir))
         try:
+            wait_until(lambda: "loading" not in service.states().values(), timeout=120)
+            samples = [{"step": "as started", "states": service.states(), **tree_memory(service.process.pid)}]
             unload_all(service)
             time.sleep(1.0)
-            samples = [{"step": "before any load", **tree_memory(service.process.pid)}]
+            samples.append({"step": "no model loaded", **tree_memory(service.process.pid)})
             for model in MODELS:
                 reply = ask(service, model)
                 samples.append({"step": f"{model} loaded", "reply_ok": reply["ok"], **tree_memory(service.process.pid)})
@@ -416,7 +419,7 @@ def memory(names: list[str], workdir: Path, log: Callable[[str], None]) -> list[
                 samples.append({"step": f"{model} unloaded", "unload_status": status, "unload_answer": answer,
                                 "model_processes_gone": gone, **tree_memory(service.process.pid)})
             rows.append({"system": service.label, "samples": samples})
-            base = samples[0]["pss"]
+            base = samples[1]["pss"]
             log(f"memory {service.label}: PSS " + ", ".join(f"{s['step']} {s['pss'] / 2**20:.0f}" for s in samples)
                 + f" MiB (after last unload {100 * (samples[-1]['pss'] / base - 1):+.1f} %)")
         finally:
@@ -521,9 +524,9 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"{how} during load -> model process idle {system:<19} "
                      f"{stats([r['cancel_to_idle_s'] for r in rows])}")
     for row in results.get("memory", []):
-        base = row["samples"][0]
+        base = row["samples"][1]
         for s in row["samples"]:
-            change = f" ({100 * (s['pss'] / base['pss'] - 1):+.1f} % of the first)" if "loaded" not in s["step"] else ""
+            change = f" ({100 * (s['pss'] / base['pss'] - 1):+.1f} %)" if s["step"].endswith(" unloaded") else ""
             lines.append(f"memory {row['system']:<40} {s['step']:<22} RSS {s['rss'] / 2**20:7.1f} MiB  PSS "
                          f"{s['pss'] / 2**20:7.1f} MiB{change}")
     lines += [f"ERROR {e['section']}: {e['error']}" for e in results["errors"]]
