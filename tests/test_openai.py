@@ -70,8 +70,10 @@ def wait_until_free(service: Service, timeout: float = 10.0) -> None:
 
 def test_models_list_the_loaded_model_and_one_alias_per_mode(service: Service) -> None:
     ids = [m.id for m in client(service).models.list()]
-    assert ids == ["gemma-3-270m-q4_k_m.gguf", "edison", "edison-chat", "edison-brief", "edison-long", "edison-count"]
+    # The model by its name (the bundled one's; a file's name without .gguf), then the mode aliases.
+    assert ids == ["gemma3-270m", "edison", "edison-chat", "edison-brief", "edison-long", "edison-count"]
     assert client(service).models.retrieve("edison-brief").id == "edison-brief"
+    assert client(service).models.list().data[0].model_extra["loaded"] is True
 
 
 def test_mode_alias_prepends_its_system_prompt_unless_the_messages_have_one(service: Service) -> None:
@@ -83,7 +85,9 @@ def test_mode_alias_prepends_its_system_prompt_unless_the_messages_have_one(serv
     # "brief" has no system prompt: spelled out, chat's must give the very same prompt.
     assert with_mode_prompt == prompt_tokens("edison-brief", [{"role": "system", "content": CHAT_SYSTEM_PROMPT}, *QUESTION])
     assert with_mode_prompt == prompt_tokens("edison", QUESTION)  # chat is the default mode
-    assert with_mode_prompt == prompt_tokens("gemma-3-270m-q4_k_m.gguf", QUESTION)
+    assert with_mode_prompt == prompt_tokens("gemma-3-270m-q4_k_m.gguf", QUESTION)  # its file's name, as before
+    assert with_mode_prompt == prompt_tokens("gemma3-270m", QUESTION) == prompt_tokens("gemma3-270m/chat", QUESTION)
+    assert prompt_tokens("gemma3-270m/brief", own := [{"role": "user", "content": "Hi"}]) == prompt_tokens("edison-brief", own)
     own = [{"role": "developer", "content": "Be terse."}, *QUESTION]
     assert prompt_tokens("edison-chat", own) == prompt_tokens("edison-brief", own) != with_mode_prompt
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the capital?"}]}]

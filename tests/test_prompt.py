@@ -17,6 +17,20 @@ def test_transcript_for_a_model_without_a_chat_template() -> None:
     assert prompt.stops == ("\nUser:",) and prompt.special is False
 
 
+def test_a_reply_sent_back_as_streamed_extends_the_prompt_that_made_it() -> None:
+    """The prompt ends on "Assistant:" and the model's reply starts with its own blank: the next
+    turn's prompt must begin with the last prompt plus the reply, byte for byte, or the KV cache
+    of the reply is thrown away at its first token."""
+    asked = [{"role": "user", "content": "Count: 1, 2,"}]
+    reply = " 3, 4, 5,"  # as streamed
+    prompt = render_transcript(asked)
+    again = render_transcript([*asked, {"role": "assistant", "content": reply}, {"role": "user", "content": "More"}])
+    assert again.startswith(prompt + reply + "\nUser: More")
+    # A client that trims the reply still gets the usual single blank.
+    trimmed = render_transcript([*asked, {"role": "assistant", "content": reply.strip()}])
+    assert trimmed.startswith(prompt + reply)
+
+
 def test_chat_template_is_used_when_the_model_has_one() -> None:
     template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     fmt = PromptFormat({"tokenizer.chat_template": template}, "auto", bos="<s>", eos="</s>")

@@ -30,8 +30,12 @@ def test_returning_turns_read_only_what_they_add(make_service: Callable[..., Ser
     for name, message in conversations.items():  # each comes back, to the slot that holds it
         history = [{"role": "user", "content": message}, {"role": "assistant", "content": first[name]["response"]}]
         again = usage(svc, "Go on: 1, 2, 3,", history)["usage"]
-        # Its whole first prompt was kept (the old whole-512-token-chunks rule kept none of it).
-        assert again["cached_tokens"] >= first[name]["usage"]["prompt_tokens"] - 1, (name, again, first[name])
+        # Its whole first prompt was kept (the old whole-512-token-chunks rule kept none of it), and
+        # the reply too: sent back as streamed, it renders as the model wrote it (a reply that began
+        # with a blank once became "Assistant:  ..." and was read again whole). A few tokens of slack
+        # at the reply's end, where its last token and the next turn's line break may merge.
+        before = first[name]["usage"]
+        assert again["cached_tokens"] >= before["prompt_tokens"] + before["completion_tokens"] // 2, (name, again, before)
         assert again["cached_tokens"] < again["prompt_tokens"]
 
     prompt = long_prompt(1400)

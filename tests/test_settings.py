@@ -64,3 +64,34 @@ def test_cli_refuses_a_bad_config_with_the_key_and_exit_code_2(tmp_path) -> None
     )
     assert result.returncode == 2
     assert "pool.queue_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_models_tables_inherit_model_and_pool_and_name_their_keys_in_errors() -> None:
+    from edison.settings import ConfigError, settings_from_dict
+
+    base = {"model": {"n_ctx": 4096, "threads": 2}, "pool": {"slots": 3},
+            "models": {"a": {"path": "gemma3-270m", "slots": 1, "keep_alive_s": 0}, "b": {"path": "/m/x.gguf", "n_ctx": 2048}}}
+    settings = settings_from_dict(base)
+    entries = settings.entries()
+    assert list(entries) == ["a", "b"]  # no default_model: the first table
+    assert (entries["a"].model.n_ctx, entries["a"].model.threads, entries["a"].pool.slots, entries["a"].keep_alive_s) == (4096, 2, 1, 0.0)
+    assert (entries["b"].model.n_ctx, entries["b"].pool.slots, entries["b"].keep_alive_s) == (2048, 3, 300.0)
+    assert list(settings_from_dict({**base, "default_model": "b"}).entries()) == ["b", "a"]
+    # Without [models] tables, [model] is the one model, named after its bundled name or file, never unloaded.
+    single = settings_from_dict({"model": {"path": "/models/qwen2.5-7b.Q4.gguf"}}).entries()
+    assert list(single) == ["qwen2.5-7b.Q4"] and single["qwen2.5-7b.Q4"].keep_alive_s == -1
+    assert list(settings_from_dict({}).entries()) == ["smollm2-135m"]
+
+    bad = [
+        ({"models": {"a": {"path": "x.gguf", "colour": 1}}}, "models.a.colour: unknown key"),
+        ({"models": {"a": {"n_ctx": 4096}}}, "models.a.path: required"),
+        ({"models": {"a": {"path": "x.gguf", "n_ctx": 10}}}, "models.a.n_ctx"),
+        ({"models": {"a": {"path": "x.gguf", "slots": 0}}}, "models.a.slots"),
+        ({"models": {"a": {"path": "x.gguf", "keep_alive_s": -5}}}, "models.a.keep_alive_s"),
+        ({"models": {"a b": {"path": "x.gguf"}}}, "models.a b: a model name"),
+        ({"models": {"a": {"path": "x.gguf"}}, "default_model": "c"}, "default_model: 'c' is not a configured model"),
+        ({"pool": {"max_loaded_models": -1}}, "pool.max_loaded_models"),
+    ]
+    for data, message in bad:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            settings_from_dict(data)

@@ -22,8 +22,9 @@ from starlette.staticfiles import StaticFiles
 from edison.http.auth import ApiKeyMiddleware
 from edison.http.chat import chat_routes
 from edison.http.metrics import metrics_endpoint
+from edison.http.models import model_routes
 from edison.http.openai import openai_routes
-from edison.pool import Pool
+from edison.pool import Models
 from edison.settings import REPO_ROOT, Settings
 
 logger = logging.getLogger("edison")
@@ -47,7 +48,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal server error; see the server log"}, status_code=500)
 
 
-def create_app(settings: Settings, pool: Pool) -> Starlette:
+def create_app(settings: Settings, pool: Models) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await pool.start()
@@ -61,6 +62,7 @@ def create_app(settings: Settings, pool: Pool) -> Starlette:
         raise RuntimeError(f"the chat page is missing: no index.html in {page}")
     routes: list[Route | Mount] = [
         *chat_routes(),
+        *model_routes(),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *openai_routes(),
         Mount("/", StaticFiles(directory=page, html=True), name="web"),

@@ -1,4 +1,5 @@
-"""Edison's own routes: `/chat/stream`, `/chat/cancel`, `/health`, `/modes` (README "API").
+"""Edison's own routes: `/chat/stream`, `/chat/cancel`, `/health`, `/modes` (README "API");
+the models' routes are in models.py.
 
 The pool reaches them through lifespan state, never a module global.
 """
@@ -17,7 +18,7 @@ from edison.http.errors import answering, from_failure
 from edison.http.jobs import disconnect_cancels, events, with_system_prompt
 from edison.http.sse import EventStream, frame
 from edison.http.validation import parse_cancel, parse_chat, read_json_object
-from edison.pool import Completed, Event, Failure, Pool, Queued, Stopped
+from edison.pool import Completed, Event, Failure, Loading, Models, Queued, Stopped
 from edison.pool import Request as PoolRequest
 from edison.protocol import Progress, Token
 from edison.settings import Settings
@@ -35,28 +36,32 @@ def chat_routes() -> list[Route]:
 
 
 async def chat_stream(request: Request, request_id: str) -> Response:
-    pool: Pool = request.state.pool
+    pool: Models = request.state.pool
     settings: Settings = request.state.settings
     data = await read_json_object(request, settings.server.max_body_bytes)
     chat = parse_chat(data, settings.modes, settings.default_mode, settings.debug.allow_wedge)
     mode = settings.modes[chat.mode]
+    model = pool.entry(chat.model).name  # an unknown model is a 404 before anything starts
     messages = with_system_prompt(mode, (*chat.history, {"role": "user", "content": chat.message}))
-    job = pool.submit(mode.sampling, request_id, messages=messages, wedge_s=chat.wedge_s, format=chat.format)
-    logger.info("Streaming request %s (mode %s)", request_id, chat.mode)
+    job = pool.submit(mode.sampling, request_id, messages=messages, wedge_s=chat.wedge_s, format=chat.format,
+                      model=model, keep_alive=chat.keep_alive)
+    logger.info("Streaming request %s (model %s, mode %s)", request_id, model, chat.mode)
     return EventStream(  # type: ignore[return-value]
-        chat_events(job, chat.mode),
+        chat_events(job, chat.mode, model),
         on_disconnect=disconnect_cancels(pool, request_id),
         headers={"X-Request-ID": request_id},
     )
 
 
-async def chat_events(job: PoolRequest, mode: str) -> AsyncIterator[bytes]:
-    yield frame({"request_id": job.request_id}, "init")
+async def chat_events(job: PoolRequest, mode: str, model: str) -> AsyncIterator[bytes]:
+    yield frame({"request_id": job.request_id, "model": model}, "init")
     async for event in events(job):
         if isinstance(event, Token):
             yield frame({"t": event.text}, "token")
         elif isinstance(event, Progress):
             yield frame({"phase": event.phase, "done": event.done, "total": event.total}, "progress")
+        elif isinstance(event, Loading):
+            yield frame({"phase": "loading", "model": event.model, "elapsed_s": event.elapsed_s}, "progress")
         elif isinstance(event, Queued):
             yield frame({"position": event.position}, "queued")
         else:
@@ -77,7 +82,7 @@ def done_payload(event: Event, mode: str) -> dict[str, Any]:
 
 
 async def chat_cancel(request: Request, request_id: str) -> Response:
-    pool: Pool = request.state.pool
+    pool: Models = request.state.pool
     data = await read_json_object(request, request.state.settings.server.max_body_bytes)
     target = parse_cancel(data)
     if pool.cancel(target):

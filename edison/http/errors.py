@@ -17,7 +17,8 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from edison.pool import Failure, Unavailable
+from edison.pool import Failure, Unavailable, UnknownModel
+from edison.pool.models import Busy
 from edison.protocol import FailureKind
 
 logger = logging.getLogger("edison")
@@ -36,10 +37,11 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
+        self.extra: dict[str, Any] = {}  # more fields on Edison's own routes: the models available, for a 404
 
     def body(self, openai: bool) -> dict[str, Any]:
         if not openai:
-            return {"error": self.message}
+            return {"error": self.message, **self.extra}
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self, openai: bool, request_id: str | None = None) -> JSONResponse:
@@ -60,6 +62,7 @@ _FAILURES: dict[FailureKind, tuple[int, str, str]] = {
     FailureKind.BAD_PROMPT: (400, "invalid_prompt", "invalid_request_error"),
     FailureKind.BAD_FORMAT: (400, "invalid_format", "invalid_request_error"),
     FailureKind.QUEUE_FULL: (503, "queue_full", "server_error"),
+    FailureKind.MODELS_BUSY: (503, "models_busy", "server_error"),
     FailureKind.SHUTTING_DOWN: (503, "shutting_down", "server_error"),
     FailureKind.NO_WORKERS: (503, "unavailable", "server_error"),
     FailureKind.WORKER_DIED: (500, "worker_died", "server_error"),
@@ -80,6 +83,12 @@ def from_unavailable(exc: Unavailable) -> ApiError:
     return failure_error(exc.kind, str(exc))
 
 
+def unknown_model(exc: UnknownModel) -> ApiError:
+    error = ApiError(str(exc), 404, param="model", code="model_not_found")
+    error.extra = {"available": exc.available}
+    return error
+
+
 Handler = Callable[[Request, str], Awaitable[Response]]
 
 
@@ -94,6 +103,10 @@ def answering(handler: Handler, openai: bool) -> Callable[[Request], Awaitable[R
             error = exc
         except Unavailable as exc:
             error = from_unavailable(exc)
+        except UnknownModel as exc:
+            error = unknown_model(exc)
+        except Busy as exc:
+            error = ApiError(str(exc), 409, code="model_busy", kind="server_error")
         except ClientDisconnect:  # gone while sending its body: nobody to answer
             return Response(status_code=CLIENT_GONE)
         except Exception:

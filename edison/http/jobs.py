@@ -16,7 +16,7 @@ import anyio
 from starlette.types import Receive
 
 from edison.http.sse import watch_disconnect
-from edison.pool import FINAL, Event, Pool, Request
+from edison.pool import FINAL, Event, Models, Request
 from edison.settings import ModeSettings
 
 logger = logging.getLogger("edison")
@@ -31,7 +31,7 @@ def with_system_prompt(mode: ModeSettings, messages: Messages) -> Messages:
     return ({"role": "system", "content": mode.system_prompt}, *messages)
 
 
-def disconnect_cancels(pool: Pool, request_id: str) -> Callable[[], None]:
+def disconnect_cancels(pool: Models, request_id: str) -> Callable[[], None]:
     def on_disconnect() -> None:
         live = pool.requests.get(request_id)
         first = live is not None and live.cancel_at is None  # not already stopping (the page's Stop)

@@ -22,7 +22,7 @@ from prometheus_client import (
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
-from edison.pool import Completed, Event, Failure, Pool, PoolObserver, Request, Stopped
+from edison.pool import Completed, Event, Failure, Models, PoolObserver, Request, Stopped
 
 OUTCOMES = ("ok", "stopped", "error", "rejected")
 PHASES = ("queued", "prefill", "decode")
@@ -76,7 +76,7 @@ class Metrics(PoolObserver):
         for tier in TIERS:
             self.cancel_tier.labels(tier)
 
-    def watch(self, pool: Pool) -> None:
+    def watch(self, pool: Models) -> None:  # type: ignore[override]
         health = pool.health
         r = self.registry
         Gauge("edison_queue_depth", "Requests waiting for a worker", registry=r).set_function(lambda: len(pool.queue))
@@ -86,7 +86,9 @@ class Metrics(PoolObserver):
         Gauge("edison_workers_ready", "Workers with the model loaded", registry=r).set_function(
             lambda: health()["workers"]["ready"]
         )
-        Gauge("edison_workers_configured", "Worker processes configured", registry=r).set(pool.settings.pool.workers)
+        Gauge("edison_workers_configured", "Worker processes of the default model", registry=r).set(
+            pool.entry(None).pool.workers
+        )
         if pool.kv_store is not None:  # the saved KV states' tiers, read from their directories at scrape time
             store = pool.kv_store
             used = Gauge("edison_kv_cache_bytes", "Bytes of saved KV states, by tier", ["tier"], registry=r)
@@ -108,6 +110,22 @@ class Metrics(PoolObserver):
         Gauge("edison_active_requests", "Requests queued or running", registry=r).set_function(
             lambda: len(pool.requests)
         )
+        # Per model (label `model`), read from the models' own records at scrape time.
+        per_model = {
+            "edison_model_loaded": ("1 if the model is loaded and ready", lambda d: float(d["loaded"])),
+            "edison_model_loading": ("1 while the model loads", lambda d: float(d["state"] == "loading")),
+            "edison_model_load_seconds": ("Its last load: start to the first worker ready",
+                                          lambda d: d["load_time_s"] or 0.0),
+            "edison_model_slots_busy": ("Its sequence slots running a request", lambda d: d["slots_busy"]),
+            "edison_model_requests": ("Its requests queued or running", lambda d: d["requests"]),
+            "edison_model_resident_bytes": ("RSS of its worker processes", lambda d: d["rss_bytes"]),
+            "edison_model_estimate_bytes": ("What loading it is estimated to take (GGUF + KV cache)",
+                                            lambda d: d["estimate_mib"] * (1 << 20)),
+        }
+        for metric, (text, read) in per_model.items():
+            gauge = Gauge(metric, text, ["model"], registry=r)
+            for name in pool.names():
+                gauge.labels(name).set_function(lambda n=name, f=read: f(pool.describe(n)))
 
     def rejected(self, reason: str) -> None:
         self.requests.labels("rejected").inc()

@@ -33,7 +33,7 @@ from edison.http.openai_validation import MODEL_PREFIX, Completion, model_ids, p
 from edison.http.sse import EventStream, comment, frame
 from edison.http.tools import ToolCallReader
 from edison.http.validation import read_json_object
-from edison.pool import Completed, Event, Failure, Pool, Queued, Stopped
+from edison.pool import Completed, Event, Failure, Loading, Models, Queued, Stopped
 from edison.pool import Request as PoolRequest
 from edison.protocol import FailureKind, Progress, Token, Usage
 from edison.settings import Settings
@@ -55,15 +55,28 @@ def openai_routes() -> list[Route]:
 # Models.
 
 
-def _model_list(pool: Pool, settings: Settings) -> list[dict[str, Any]]:
-    """The loaded model (the default mode), `edison` (the same) and `edison-<mode>` for each mode."""
-    try:
-        created = int(os.path.getmtime(pool.model_path))
-    except OSError:
-        created = 0
-    names = [model_ids(os.path.basename(pool.model_path))[0], MODEL_PREFIX]
-    names += [f"{MODEL_PREFIX}-{mode}" for mode in settings.modes]
-    return [{"id": name, "object": "model", "created": created, "owned_by": "edison"} for name in names]
+def served_names(pool: Models) -> dict[str, tuple[str, ...]]:
+    """Each configured model and the names it answers to (its own, its file's); the default first."""
+    return {name: (name, *model_ids(os.path.basename(pool.paths[name]))) for name in pool.names()}
+
+
+def _model_list(pool: Models, settings: Settings) -> list[dict[str, Any]]:
+    """Every configured model (with its `loaded` state), then `edison` (the default model) and
+    `edison-<mode>` for each mode; `<model>/<mode>` combines any of both."""
+
+    def created(name: str) -> int:
+        try:
+            return int(os.path.getmtime(pool.paths[name]))
+        except OSError:
+            return 0
+
+    default = pool.default
+    listed = [{"id": name, "object": "model", "created": created(name), "owned_by": "edison",
+               "loaded": pool.state(name) == "ready"} for name in pool.names()]
+    aliases = [MODEL_PREFIX, *(f"{MODEL_PREFIX}-{mode}" for mode in settings.modes)]
+    listed += [{"id": alias, "object": "model", "created": created(default), "owned_by": "edison",
+                "loaded": pool.state(default) == "ready"} for alias in aliases]
+    return listed
 
 
 async def list_models(request: Request, request_id: str) -> Response:
@@ -90,17 +103,19 @@ async def completions(request: Request, request_id: str) -> Response:
 
 
 async def _complete(
-    request: Request, request_id: str, parse: Callable[[dict[str, Any], tuple[str, ...], Settings], Completion]
+    request: Request, request_id: str, parse: Callable[[dict[str, Any], dict[str, tuple[str, ...]], Settings], Completion]
 ) -> Response:
-    pool: Pool = request.state.pool
+    pool: Models = request.state.pool
     settings: Settings = request.state.settings
     data = await read_json_object(request, settings.server.max_body_bytes)
-    parsed = parse(data, model_ids(os.path.basename(pool.model_path)), settings)
-    job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt, format=parsed.format)
+    parsed = parse(data, served_names(pool), settings)
+    job = pool.submit(parsed.sampling, request_id, messages=parsed.messages, prompt=parsed.prompt, format=parsed.format,
+                      model=parsed.served_by, keep_alive=parsed.keep_alive)
     shape = Shape(request_id, int(time.time()), parsed.model, chat=parsed.messages is not None, tools=parsed.tools)
     logger.info(
-        "OpenAI %s request %s (mode %s, %s)",
-        "chat" if shape.chat else "text", request_id, parsed.mode, "streaming" if parsed.stream else "whole",
+        "OpenAI %s request %s (model %s, mode %s, %s)",
+        "chat" if shape.chat else "text", request_id, parsed.served_by, parsed.mode,
+        "streaming" if parsed.stream else "whole",
     )
     on_disconnect = disconnect_cancels(pool, request_id)
     headers = {"X-Request-ID": request_id}
@@ -132,6 +147,8 @@ async def stream_chunks(job: PoolRequest, shape: Shape, include_usage: bool) -> 
             yield frame({**shape.chunk(event.text, None), **extra})
         elif isinstance(event, Queued):
             yield comment(f"queued {event.position}")
+        elif isinstance(event, Loading):
+            yield comment(f"loading {event.model} {event.elapsed_s:g}s")
         elif isinstance(event, Progress):
             yield comment(f"{event.phase} {event.done}/{event.total}")
         elif isinstance(event, Failure):

@@ -19,6 +19,7 @@ from edison.http.errors import ApiError
 from edison.http.jobs import with_system_prompt
 from edison.http.schema import parse_response_format
 from edison.http.tools import parse_tools, written_calls
+from edison.http.validation import parse_model_fields
 from edison.protocol import Format
 from edison.settings import ModeSettings, Sampling, Settings
 
@@ -38,12 +39,14 @@ class Completion:
 
     model: str  # as the client named it; echoed in every response
     mode: str
+    served_by: str  # the configured model that answers it
     sampling: Sampling
     stream: bool
     include_usage: bool
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     format: Format | None = None  # a constrained reply: JSON (response_format) or tool calls
+    keep_alive: float | None = None  # Edison's (and Ollama's) extension: seconds loaded idle after it
 
     @property
     def tools(self) -> bool:
@@ -77,7 +80,7 @@ HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (_absent(""), "null (suffix is not supported)"),
     "best_of": (_absent(1), "1 (one choice per request)"),
 }
-COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
+COMMON_FIELDS = ("model", "keep_alive", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "metadata", "service_tier")
 CHAT_FIELDS = COMMON_FIELDS + ("messages", "max_completion_tokens", "top_logprobs", "tools", "functions",
                                "tool_choice", "function_call", "parallel_tool_calls", "response_format", "store")
@@ -89,26 +92,45 @@ def _is_number(value: Any) -> bool:
 
 
 def model_ids(model_file: str) -> tuple[str, ...]:
-    """The names the loaded model answers to: its file name, and that without `.gguf`."""
+    """The names a model's file answers to: the file name, and that without `.gguf`."""
     stem = model_file[: -len(".gguf")] if model_file.endswith(".gguf") else model_file
     return (model_file,) if stem == model_file else (model_file, stem)
 
 
-def resolve_mode(model: Any, names: tuple[str, ...], settings: Settings) -> str:
+Models = dict[str, tuple[str, ...]]  # configured model -> every name it answers to; the default first
+
+
+def resolve_model(model: Any, models: Models, settings: Settings) -> tuple[str, str]:
+    """(model, mode) for `model`: a model's name (or file), `edison` / `edison-<mode>` (the
+    default model in a mode), or both as `<model>/<mode>`."""
     if not isinstance(model, str) or not model:
         raise ApiError("'model' is required and must be a string", param="model")
-    if model in names or model == MODEL_PREFIX:
-        return settings.default_mode
-    mode = model.removeprefix(f"{MODEL_PREFIX}-")
-    if mode != model and mode in settings.modes:
-        return mode
-    known = ", ".join((names[0], MODEL_PREFIX, *(f"{MODEL_PREFIX}-{m}" for m in settings.modes)))
-    raise ApiError(f"The model {model!r} does not exist; available: {known}", 404, "model", "model_not_found")
+    name, _, mode = model.partition("/")
+    default = next(iter(models))
+    if not mode:
+        served = next((m for m, aliases in models.items() if name in aliases), None)
+        if served is not None:
+            return served, settings.default_mode
+        if name == MODEL_PREFIX:
+            return default, settings.default_mode
+        mode = name.removeprefix(f"{MODEL_PREFIX}-")
+        if mode != name and mode in settings.modes:
+            return default, mode
+    else:
+        served = next((m for m, aliases in models.items() if name in aliases), None)
+        mode = mode.removeprefix(f"{MODEL_PREFIX}-")
+        if served is not None and mode in settings.modes:
+            return served, mode
+    known = ", ".join((*models, MODEL_PREFIX, *(f"{MODEL_PREFIX}-{m}" for m in settings.modes),
+                       f"<model>/<mode> (modes: {', '.join(settings.modes)})"))
+    error = ApiError(f"The model {model!r} does not exist; available: {known}", 404, "model", "model_not_found")
+    error.extra = {"available": list(models)}
+    raise error
 
 
-def parse_chat_completion(data: dict[str, Any], names: tuple[str, ...], settings: Settings) -> Completion:
+def parse_chat_completion(data: dict[str, Any], models: Models, settings: Settings) -> Completion:
     _check_fields(data, CHAT_FIELDS)
-    mode_name = resolve_mode(data.get("model"), names, settings)
+    served, mode_name = resolve_model(data.get("model"), models, settings)
     mode = settings.modes[mode_name]
     messages = with_system_prompt(mode, parse_messages(data.get("messages")))
     limit = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
@@ -116,12 +138,12 @@ def parse_chat_completion(data: dict[str, Any], names: tuple[str, ...], settings
     json_format = parse_response_format(data.get("response_format"))
     if tools and json_format:
         raise ApiError("'response_format' cannot be combined with tools that may be called", param="response_format")
-    return _completion(data, mode_name, mode, limit, messages=messages, format=tools or json_format)
+    return _completion(data, served, mode_name, mode, limit, messages=messages, format=tools or json_format)
 
 
-def parse_completion(data: dict[str, Any], names: tuple[str, ...], settings: Settings) -> Completion:
+def parse_completion(data: dict[str, Any], models: Models, settings: Settings) -> Completion:
     _check_fields(data, COMPLETION_FIELDS)
-    mode_name = resolve_mode(data.get("model"), names, settings)
+    served, mode_name = resolve_model(data.get("model"), models, settings)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # the SDK's list form, with the one prompt we serve
@@ -130,7 +152,7 @@ def parse_completion(data: dict[str, Any], names: tuple[str, ...], settings: Set
     if not isinstance(prompt, str):
         raise ApiError("'prompt' is required and must be a string (or a list of one string)", param="prompt")
     fmt = parse_response_format(data.get("response_format"))
-    return _completion(data, mode_name, settings.modes[mode_name], "max_tokens", prompt=prompt, format=fmt)
+    return _completion(data, served, mode_name, settings.modes[mode_name], "max_tokens", prompt=prompt, format=fmt)
 
 
 def _check_fields(data: dict[str, Any], known: tuple[str, ...]) -> None:
@@ -143,7 +165,7 @@ def _check_fields(data: dict[str, Any], known: tuple[str, ...]) -> None:
                 raise ApiError(f"'{key}' must be {expected}; got {data[key]!r}", param=key)
 
 
-def _completion(data: dict[str, Any], mode_name: str, mode: ModeSettings, limit: str, **job: Any) -> Completion:
+def _completion(data: dict[str, Any], served: str, mode_name: str, mode: ModeSettings, limit: str, **job: Any) -> Completion:
     overrides: dict[str, Any] = {}
     if data.get(limit) is not None:
         overrides["max_tokens"] = _integer(data, limit, 1, 1_000_000)
@@ -162,7 +184,8 @@ def _completion(data: dict[str, Any], mode_name: str, mode: ModeSettings, limit:
     if not isinstance(include_usage, bool):
         raise ApiError("'stream_options.include_usage' must be a boolean", param="stream_options")
     sampling = dataclasses.replace(mode.sampling, **overrides)
-    return Completion(data["model"], mode_name, sampling, bool(stream), include_usage, **job)
+    _, keep_alive = parse_model_fields({"keep_alive": data.get("keep_alive")})
+    return Completion(data["model"], mode_name, served, sampling, bool(stream), include_usage, keep_alive=keep_alive, **job)
 
 
 def _number(data: dict[str, Any], key: str, low: float, high: float) -> float:

@@ -136,10 +136,28 @@ class ChatRequest:
     history: tuple[dict[str, str], ...]
     wedge_s: float
     format: Format | None = None  # "format": "json" or a JSON schema: the reply is held to it
+    model: str | None = None  # None: the default model (an unknown name is the pool's 404)
+    keep_alive: float | None = None  # seconds the model stays loaded idle after this request
+
+
+MAX_KEEP_ALIVE_S = 7 * 24 * 3600.0
+
+
+def parse_model_fields(data: dict[str, Any]) -> tuple[str | None, float | None]:
+    """`model` and `keep_alive`, shared by both APIs: a name, and -1 (never), 0 or more seconds."""
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    keep = data.get("keep_alive")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float))
+                             or not (keep == -1 or 0 <= keep <= MAX_KEEP_ALIVE_S)):
+        raise BadRequest("'keep_alive' must be -1 (never unload), 0 (unload when done) or seconds up to a week",
+                         param="keep_alive")
+    return model, None if keep is None else float(keep)
 
 
 def parse_chat(data: dict[str, Any], modes: dict[str, Any], default_mode: str, allow_wedge: bool) -> ChatRequest:
-    known = ("message", "mode", "history", "format") + (("debug_wedge_s",) if allow_wedge else ())
+    known = ("message", "mode", "history", "format", "model", "keep_alive") + (("debug_wedge_s",) if allow_wedge else ())
     reject_unknown(data, known)
     message = data.get("message")
     if not isinstance(message, str):
@@ -154,7 +172,9 @@ def parse_chat(data: dict[str, Any], modes: dict[str, Any], default_mode: str, a
     wedge = data.get("debug_wedge_s", 0.0)
     if isinstance(wedge, bool) or not isinstance(wedge, (int, float)) or not 0 <= wedge <= 600:
         raise BadRequest("'debug_wedge_s' must be a number of seconds from 0 to 600")
-    return ChatRequest(message, mode, parse_history(data.get("history", [])), float(wedge), parse_format(data.get("format")))
+    model, keep_alive = parse_model_fields(data)
+    return ChatRequest(message, mode, parse_history(data.get("history", [])), float(wedge), parse_format(data.get("format")),
+                       model, keep_alive)
 
 
 def parse_format(value: Any) -> Format | None:

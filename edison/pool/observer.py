@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edison.pool.pool import Pool
+    from edison.pool.models import Models
     from edison.pool.request import Event, Request
 
 
 class PoolObserver:
-    def watch(self, pool: Pool) -> None:
-        """Called once by the pool it observes."""
+    def watch(self, pool: Models) -> None:
+        """Called once by the models it observes (every model's pool reports to the same observer)."""
 
     def rejected(self, reason: str) -> None:
         """The pool refused a request (queue full, shutting down, no workers): a 503."""

@@ -28,7 +28,7 @@ from edison.kvstore import KVStore
 from edison.pool.flags import CancelFlags
 from edison.pool.handle import WorkerHandle, WorkerState
 from edison.pool.observer import PoolObserver
-from edison.pool.request import Completed, Event, Failure, Queued, Request, Stopped
+from edison.pool.request import Completed, Event, Failure, Loading, Queued, Request, Stopped
 from edison.pool.supervisor import Supervisor
 from edison.protocol import Cancelled, Done, Failed, FailureKind, Format, Job, Progress, Ready, Resume, Tier, Token
 from edison.settings import Sampling, Settings
@@ -45,9 +45,12 @@ class Unavailable(Exception):
 
 
 class Pool:
-    def __init__(self, settings: Settings, model_path: str, observer: PoolObserver | None = None) -> None:
+    """One model's workers. `Models` (models.py) keeps one per loaded model."""
+
+    def __init__(self, settings: Settings, model_path: str, observer: PoolObserver | None = None, name: str = "") -> None:
         self.settings = settings
         self.model_path = model_path
+        self.name = name or os.path.basename(model_path)
         self.slots = settings.pool.slots
         self.flags = CancelFlags(settings.pool.workers, self.slots)
         self.queue: deque[Request] = deque()
@@ -62,7 +65,8 @@ class Pool:
         )
         self.supervisor.stall_supervisor_after_s = settings.debug.stall_supervisor_after_s
         self.task: asyncio.Task[None] | None = None
-        self.observer.watch(self)
+        self.started_at: float | None = None  # time.monotonic() of start(): the load's clock
+        self.load_time_s: float | None = None  # start() -> the first worker ready
 
     @property
     def heartbeat(self) -> float:
@@ -73,8 +77,12 @@ class Pool:
 
     # Lifecycle.
 
+    @property
+    def ready(self) -> bool:
+        return any(w.state is WorkerState.READY for w in self.supervisor.live())
+
     async def start(self) -> None:
-        self.supervisor.heartbeat = time.monotonic()
+        self.started_at = self.supervisor.heartbeat = time.monotonic()
         self.task = asyncio.ensure_future(self.supervisor.run())
         await asyncio.sleep(0)  # the first workers are spawned from this (the event loop's) thread
 
@@ -122,8 +130,25 @@ class Pool:
             self._dispatch(request, *place)
         else:
             self.queue.append(request)
-            request.events.put_nowait(Queued(len(self.queue)))
+            if self.ready:
+                request.events.put_nowait(Queued(len(self.queue)))
+            else:
+                self.announce_loading([request])
         return request
+
+    def announce_loading(self, requests: list[Request] | None = None) -> None:
+        """While no worker has the model loaded yet, its waiting requests hear so."""
+        elapsed = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+        for request in self.queue if requests is None else requests:
+            if not request.resumed:
+                request.events.put_nowait(Loading(self.name, round(elapsed, 1)))
+
+    def abandon_load(self) -> None:
+        """Nobody wants this model any more while it loads: its loading workers are SIGKILLed at
+        once, as a wedged one would be (a load is one long native call that no flag reaches)."""
+        for worker in self.supervisor.live():
+            if worker.state is WorkerState.STARTING:
+                self.supervisor.kill_worker(worker, "its model load was abandoned", lambda: True)
 
     def _refuse(self, kind: FailureKind, message: str) -> Unavailable:
         self.observer.rejected(kind.value)
@@ -189,6 +214,8 @@ class Pool:
             self.queue.clear()
 
     def _announce_positions(self) -> None:
+        if not self.ready:
+            return  # still loading: its requests hear that instead (announce_loading)
         for position, request in enumerate(self.queue, 1):
             if not request.resumed:  # a resumed stream shows a pause, nothing else
                 request.events.put_nowait(Queued(position))
@@ -213,6 +240,8 @@ class Pool:
     def _on_message(self, worker: WorkerHandle, message: object) -> None:
         worker.last_heard = time.monotonic()
         if isinstance(message, Ready):
+            if self.load_time_s is None and self.started_at is not None:
+                self.load_time_s = time.monotonic() - self.started_at
             self.supervisor.worker_ready(worker)
             worker.packages = message.packages
             self.prompt_format = message.prompt_format

@@ -1,7 +1,7 @@
 """One request's record in the pool, and the events its consumer (an HTTP route) reads.
 
 A consumer reads `Request.events` until one final event (`Completed`, `Stopped`, `Failure`)
-arrives; everything before it is `Queued`, `Progress` or `Token`. Outcomes are typed: the HTTP
+arrives; everything before it is `Queued`, `Loading`, `Progress` or `Token`. Outcomes are typed: the HTTP
 layer maps a `FailureKind` and a `Tier` to the wire, it never parses text.
 """
 
@@ -24,6 +24,14 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class Loading:
+    """The request waits for its model to load (sent at once, then every LOADING_EVERY_S)."""
+
+    model: str
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
 class Completed:
     text: str
     finish_reason: str  # "stop" or "length"
@@ -43,7 +51,7 @@ class Failure:
     error: str
 
 
-Event = Union[Queued, Progress, Token, Completed, Stopped, Failure]
+Event = Union[Queued, Loading, Progress, Token, Completed, Stopped, Failure]
 FINAL = (Completed, Stopped, Failure)
 
 

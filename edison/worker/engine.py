@@ -130,7 +130,7 @@ class Engine:
         """Takes a job into its slot's sequence, or answers it at once (Failed, or a wedge)."""
         try:
             if job.wedge_s:
-                _sleep_in_c(job.wedge_s)  # deaf to every flag: the whole worker stops here
+                sleep_in_c(job.wedge_s)  # deaf to every flag: the whole worker stops here
             self.active[job.slot] = self._sequence(job)
         except PromptTooLong as exc:
             emit(Failed(job.job_id, str(exc), FailureKind.PROMPT_TOO_LONG))
@@ -389,7 +389,7 @@ class Engine:
         return buf.raw[:n]
 
 
-def _sleep_in_c(seconds: float) -> None:
+def sleep_in_c(seconds: float) -> None:
     """Debug-only wedge: a native call that no cancel flag can reach (only the kill tier can).
 
     A signal (the SIGUSR1 stack dump sent before a kill) ends `usleep` early with EINTR: sleep

@@ -64,8 +64,10 @@ def main(
         )
 
     try:
-        from edison.worker.engine import Engine  # here, not at the top: see the module docstring
+        from edison.worker.engine import Engine, sleep_in_c  # here, not at the top: see the module docstring
 
+        if settings.debug.load_wedge_s:
+            sleep_in_c(settings.debug.load_wedge_s)  # a slow load, for tests: only the kill tier ends it
         engine = Engine(model_path, settings, flags, index * settings.pool.slots)
     except Exception as exc:
         logger.error("Model failed to load from %s: %s", model_path, exc)

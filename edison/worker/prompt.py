@@ -34,8 +34,18 @@ class Prompt:
 def render_transcript(messages: list[dict[str, str]]) -> str:
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     lines = [system + "\n"] if system else []
-    lines += [f"{_SPEAKERS[m['role']]}: {m['content']}" for m in messages if m["role"] != "system"]
+    lines += [_turn(m) for m in messages if m["role"] != "system"]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def _turn(message: dict[str, str]) -> str:
+    """One "Speaker: text" line. The prompt ends on "Assistant:", so the model's reply starts
+    with its own blank (" Sure..."): a reply sent back as streamed is written right after the
+    colon, as the model wrote it, or a returning turn would diverge from the KV cache at its
+    first reply token and read the whole reply again."""
+    content = message["content"]
+    gap = "" if message["role"] == "assistant" and content[:1].isspace() else " "
+    return f"{_SPEAKERS[message['role']]}:{gap}{content}"
 
 
 class PromptFormat:
