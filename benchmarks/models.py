@@ -14,7 +14,7 @@ Gemma 3 270M), 2 threads, 4 slots of 8,192 tokens each, on every system:
 - memory: RSS and PSS of the service's every process (psutil, the whole process tree) before any
   load, after a load of A (and one reply), after A's unload; then the same for B.
 
-    python -m benchmarks.models [--trials 3] [--switches 8] [--cancels 6] [--json PATH]
+    python -m benchmarks.models [--trials 5] [--switches 10] [--cancels 12] [--json PATH]
 
 Ollama is left out: it cannot be installed here without a network.
 """
@@ -448,9 +448,9 @@ def meta() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=3, help="cold loads per model per system")
-    parser.add_argument("--switches", type=int, default=8, help="switches per system (after one first load)")
-    parser.add_argument("--cancels", type=int, default=8, help="cancels during a load (half of them disconnects)")
+    parser.add_argument("--trials", type=int, default=5, help="cold loads per model per system")
+    parser.add_argument("--switches", type=int, default=10, help="switches per system (after one first load)")
+    parser.add_argument("--cancels", type=int, default=12, help="cancels during a load (half of them disconnects)")
     parser.add_argument("--systems", default=",".join(FACTORIES), help="comma-separated, from: %(default)s")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections, from: %(default)s")
     parser.add_argument("--seed", type=int, default=23)

@@ -39,12 +39,14 @@ def test_models_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert [m for m, state in row["states"].items() if state != "unloaded"] == [row["model"]], row
         assert len(row["model_processes"]) == 1, row
 
-    *cancels, after = results["cancel"]
-    assert after["ok"], after
-    for row in cancels:
+    stops = [r for r in results["cancel"] if r["trial"] != "after"]
+    assert all(r["ok"] for r in results["cancel"] if r["trial"] == "after")  # each service still answers
+    assert {r["how"] for r in stops if r["system"] == "edison"} == {"cancel", "disconnect"}
+    for row in stops:
         if row["how"] == "cancel":
             assert row["done"]["stopped"] is True, row
-        assert row["state_after"] == "unloaded" or row["at_cancel"]["state"] == "ready", row
+        if row["system"] == "edison":  # a load that no request waits for is abandoned
+            assert row["state_after"] == "unloaded" or row["at_cancel"]["state"] == "ready", row
 
     for row in results["memory"]:
         assert all(s.get("model_processes_gone", True) for s in row["samples"]), row
