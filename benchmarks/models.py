@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -96,6 +97,32 @@ def tree_memory(root: int) -> dict[str, Any]:
             continue
         rows.append({"pid": process.pid, "role": role(process), "rss": info.rss, "pss": info.pss, "uss": info.uss})
     return {**{k: sum(r[k] for r in rows) for k in ("rss", "pss", "uss")}, "processes": rows}
+
+
+class PidWatch:
+    """When a process is gone (or a zombie), polled every 2 ms on a thread. Not CpuProbe.gone_at:
+    that one also fires when one of the process's threads exits between two reads of /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.gone_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bench-watch-{pid}", daemon=True)
+
+    def __enter__(self) -> PidWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not alive(self.pid):
+                self.gone_at = time.monotonic()
+                return
+            self._stop.wait(0.002)
 
 
 class ModelService:
@@ -377,19 +404,19 @@ def stop_load(service: EdisonModels | LlamaRouter, model: str, how: str, delay: 
             raise RuntimeError(f"no model process started for {model}: {stream.names()}")
         [worker] = service.model_pids()
         time.sleep(max(0.0, stream.sent_at + delay - time.monotonic()))
-        with CpuProbe(worker, interval=0.002) as probe:
+        with CpuProbe(worker, interval=0.002) as probe, PidWatch(worker) as watch:
             before = {"tokens": stream.count("token"), "progress": stream.count("progress"),
                       "state": service.states()[model]}
             at = time.monotonic()
             answer = service.cancel(stream) if how == "cancel" else stream.disconnect() and None
             # Until the process is gone, or the load finished anyway (then it stays: no point waiting).
-            wait_until(lambda: probe.gone_at is not None or service.states()[model] == "ready", 15, 0.005)
+            wait_until(lambda: watch.gone_at is not None or service.states()[model] == "ready", 15, 0.005)
             idle = probe.idle_after(at, timeout=30)  # a model that loaded anyway may compute the reply
         done = stream.wait_for("done", 10) if how == "cancel" else None
         settled = wait_until(lambda: service.states()[model] in ("unloaded", "ready"), timeout=15, interval=0.01)
         return {"model": model, "how": how, "delay_s": delay, "at_cancel": before, "cancel_answer": answer,
                 "cancel_to_done_s": done.at - at if done else None, "done": done.data if done else None,
-                "cancel_to_worker_gone_s": probe.gone_at - at if probe.gone_at else None,
+                "cancel_to_worker_gone_s": watch.gone_at - at if watch.gone_at else None,
                 "cancel_to_idle_s": idle, "idle_capped_at_s": 30 if idle is None else None,
                 "worker": worker, "worker_alive_after": alive(worker), "state_after": service.states()[model],
                 "settled_within_15s": settled, "loadavg": os.getloadavg()[0]}
@@ -413,10 +440,14 @@ def memory(names: list[str], workdir: Path, log: Callable[[str], None]) -> list[
             for model in MODELS:
                 reply = ask(service, model)
                 samples.append({"step": f"{model} loaded", "reply_ok": reply["ok"], **tree_memory(service.process.pid)})
+                at = time.monotonic()
                 status, answer = service.unload(model)
-                gone = wait_until(lambda: not service.model_pids(), timeout=30)
+                answered = time.monotonic() - at
+                gone = wait_until(lambda: not service.model_pids(), timeout=30, interval=0.005)
+                unload_s = time.monotonic() - at
                 time.sleep(1.0)
                 samples.append({"step": f"{model} unloaded", "unload_status": status, "unload_answer": answer,
+                                "unload_answered_s": answered, "unload_to_gone_s": unload_s,
                                 "model_processes_gone": gone, **tree_memory(service.process.pid)})
             rows.append({"system": service.label, "samples": samples})
             base = samples[1]["pss"]
@@ -526,7 +557,8 @@ def summary(results: dict[str, Any]) -> str:
     for row in results.get("memory", []):
         base = row["samples"][1]
         for s in row["samples"]:
-            change = f" ({100 * (s['pss'] / base['pss'] - 1):+.1f} %)" if s["step"].endswith(" unloaded") else ""
+            change = (f" ({100 * (s['pss'] / base['pss'] - 1):+.1f} %; unload -> process gone "
+                      f"{fmt(s['unload_to_gone_s'])})" if s["step"].endswith(" unloaded") else "")
             lines.append(f"memory {row['system']:<40} {s['step']:<22} RSS {s['rss'] / 2**20:7.1f} MiB  PSS "
                          f"{s['pss'] / 2**20:7.1f} MiB{change}")
     lines += [f"ERROR {e['section']}: {e['error']}" for e in results["errors"]]
