@@ -225,3 +225,30 @@ def test_a_bad_models_table_stops_start_up_naming_the_key(make_service: MakeServ
     run = subprocess.run([sys.executable, "-m", "edison", "serve", "--config", str(path), "--port", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "models.small.n_ctx" in run.stderr, run.stderr
+
+
+def test_a_model_that_cannot_load_fails_its_request_and_is_tried_again_later(make_service: MakeService, tmp_path: Any) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)  # a GGUF header with nothing behind it
+    config = two_models(restart_budget=1, restart_backoff_s=0.0)
+    config["models"]["broken"] = {"path": str(broken), **ONE}
+    svc = make_service(config)
+    for _ in range(2):  # each request tries a fresh load, and hears why it failed
+        stream = count(svc, "broken")
+        assert stream.wait_for("progress", timeout=10).data["phase"] == "loading"
+        done = stream.done.data
+        assert done["ok"] is False and "could be started" in done["error"], done
+        wait_state(svc, "broken", "unloaded", within=5)
+    assert count(svc).done.data["ok"]  # the others are untouched
+
+
+def test_the_least_recently_used_model_goes_first_not_the_oldest_load(make_service: MakeService) -> None:
+    config = two_models(max_loaded_models=2)
+    config["models"]["other"] = {"path": "smollm2-135m", **ONE}  # a third model (the same file will do)
+    svc = make_service(config)
+    assert count(svc, "small", mode="chat").done.data["ok"]  # loaded: gemma (first), small
+    assert count(svc).done.data["ok"]  # gemma used again: small is now the least recently used
+    small_pid = models(svc)["small"]["workers"][0]
+    assert count(svc, "other", mode="chat").done.data["ok"]
+    wait_gone(small_pid, within=5)
+    assert {n: m["state"] for n, m in models(svc).items()} == {"gemma": "ready", "small": "unloaded", "other": "ready"}

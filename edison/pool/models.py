@@ -61,6 +61,7 @@ class Models:
         self.pools: dict[str, Pool] = {}  # loading or loaded
         self.unloading: dict[str, asyncio.Future[None]] = {}
         self.idle_since: dict[str, float] = {}
+        self.last_used: dict[str, float] = {}  # a request came or was running: the LRU order
         self.keep_alive: dict[str, float] = {}  # a request's keep_alive, for the idle time after it
         self.load_times: dict[str, float] = {}  # the last load of each model: start -> first worker ready
         self.preloaded: Pool | None = None
@@ -146,6 +147,7 @@ class Models:
         pool = self.pools.get(name) or self._load(name)
         request = pool.submit(sampling, request_id, messages=messages, prompt=prompt, wedge_s=wedge_s, format=format)
         self.idle_since.pop(name, None)
+        self.last_used[name] = time.monotonic()
         if keep_alive is not None:
             self.keep_alive[name] = keep_alive
         return request
@@ -200,7 +202,7 @@ class Models:
                 busy = ", ".join(n for n in self.pools if n not in victims)
                 raise Unavailable(FailureKind.MODELS_BUSY, f"model {name} cannot be loaded now: the loaded models "
                                   f"({busy}) all have requests in flight and the limit is reached; try again shortly")
-            victims.append(min(idle, key=lambda n: self.idle_since.get(n, 0.0)))
+            victims.append(min(idle, key=lambda n: self.last_used.get(n, 0.0)))
         for victim in victims:
             self._unload(victim, f"to make room for {name}")
         return victims
@@ -253,6 +255,10 @@ class Models:
         while not self.closing:
             now = self.ticked = time.monotonic()
             for name, pool in list(self.pools.items()):
+                if pool.task is not None and pool.supervisor.all_given_up() and not pool.requests:
+                    # Its requests were answered with the reason; the next one tries a fresh load.
+                    self._unload(name, "none of its workers could load it (see above)")
+                    continue
                 if not pool.ready:
                     if pool.queue and now - getattr(pool, "announced", 0.0) >= LOADING_EVERY_S:
                         pool.announced = now  # type: ignore[attr-defined]
@@ -260,6 +266,7 @@ class Models:
                     continue
                 if pool.requests:
                     self.idle_since.pop(name, None)
+                    self.last_used[name] = now
                     continue
                 idle = now - self.idle_since.setdefault(name, now)
                 keep = self.keep_alive.get(name, self.entries[name].keep_alive_s)
