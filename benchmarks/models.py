@@ -439,7 +439,8 @@ def memory(names: list[str], workdir: Path, log: Callable[[str], None]) -> list[
             samples.append({"step": "no model loaded", **tree_memory(service.process.pid)})
             for model in MODELS:
                 reply = ask(service, model)
-                samples.append({"step": f"{model} loaded", "reply_ok": reply["ok"], **tree_memory(service.process.pid)})
+                samples.append({"step": f"{model} loaded", "reply_ok": reply["ok"], **tree_memory(service.process.pid),
+                                "listing": http_json(service.port, "GET", "/models")[1]})  # Edison's estimate_mib
                 at = time.monotonic()
                 status, answer = service.unload(model)
                 answered = time.monotonic() - at
