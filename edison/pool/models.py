@@ -255,8 +255,9 @@ class Models:
         while not self.closing:
             now = self.ticked = time.monotonic()
             for name, pool in list(self.pools.items()):
-                if pool.task is not None and pool.supervisor.all_given_up() and not pool.requests:
+                if pool.task is not None and pool.supervisor.all_given_up() and not pool.requests and pool is not self.preloaded:
                     # Its requests were answered with the reason; the next one tries a fresh load.
+                    # (The default model loaded at start-up stays given up: /health says 503.)
                     self._unload(name, "none of its workers could load it (see above)")
                     continue
                 if not pool.ready:

@@ -148,7 +148,7 @@ class Pool:
         once, as a wedged one would be (a load is one long native call that no flag reaches)."""
         for worker in self.supervisor.live():
             if worker.state is WorkerState.STARTING:
-                self.supervisor.kill_worker(worker, "its model load was abandoned", lambda: True)
+                self.supervisor.kill_worker(worker, "its model load was abandoned", lambda: True, dump=False)
 
     def _refuse(self, kind: FailureKind, message: str) -> Unavailable:
         self.observer.rejected(kind.value)

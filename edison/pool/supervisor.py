@@ -125,17 +125,18 @@ class Supervisor:
         worker.state, worker.was_ready = WorkerState.READY, True
         self.restarts[worker.index].failed_starts = 0
 
-    def kill_worker(self, worker: WorkerHandle, reason: str, still_due: Callable[[], bool]) -> None:
+    def kill_worker(self, worker: WorkerHandle, reason: str, still_due: Callable[[], bool], dump: bool = True) -> None:
         if worker.state is WorkerState.KILLING:
             return
         worker.state = WorkerState.KILLING  # never dispatched to again
-        self._spawn_task(self._kill(worker, reason, still_due))
+        self._spawn_task(self._kill(worker, reason, still_due, dump))
 
-    async def _kill(self, worker: WorkerHandle, reason: str, still_due: Callable[[], bool]) -> None:
+    async def _kill(self, worker: WorkerHandle, reason: str, still_due: Callable[[], bool], dump: bool) -> None:
         """Stack dump, then SIGKILL (a worker ignores SIGTERM, and a stopped or wedged one could not
-        act on it anyway). Its reader then sees EOF and `_on_eof` takes over."""
+        act on it anyway). Its reader then sees EOF and `_on_eof` takes over. No dump (and no 50 ms
+        wait for it) when the stack tells nothing: a load that nobody wants any more."""
         stopped = _is_stopped(worker.pid)
-        if not stopped:
+        if not stopped and dump:
             worker.dump_stack()
             await asyncio.sleep(0.05)  # let faulthandler finish writing
             if not still_due():  # its acknowledgement came after all: keep the worker
