@@ -109,6 +109,14 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Threads:
+    """The worker now computes with this many threads (its share of the cores: pool/cpu.py)."""
+
+    threads: int
+    threads_batch: int
+
+
+@dataclass(frozen=True)
 class Progress:
     job_id: int
     done: int

@@ -11,6 +11,7 @@ every flag, as a long native load is): only the kill tier can end it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ def test_two_models_answer_in_turn_and_at_once(make_service: MakeService) -> Non
     for name, stream in streams.items():  # at once: each runs on a worker of its own model
         details = svc.health(verbose=True)["worker_details"]
         while not any(stream.request_id in d["request_ids"] for d in details):
+            time.sleep(0.02)
             details = svc.health(verbose=True)["worker_details"]
         running = next(d for d in details if stream.request_id in d["request_ids"])
         assert running["model"] == name and running["pid"] in both[name]["workers"]
@@ -105,6 +107,44 @@ def test_two_models_answer_in_turn_and_at_once(make_service: MakeService) -> Non
     assert 'edison_model_loaded{model="small"} 1.0' in metrics and 'edison_model_loaded{model="gemma"} 1.0' in metrics
     v1 = httpx.get(f"{svc.url}/v1/models", timeout=5).json()["data"]
     assert [(m["id"], m["loaded"]) for m in v1[:2]] == [("gemma", True), ("small", True)]
+
+
+def threads_of(svc: Service, pid: int) -> int:
+    return next(d["threads"] for d in svc.health(verbose=True)["worker_details"] if d["pid"] == pid)
+
+
+def wait_threads(svc: Service, pid: int, threads: int, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while (now := threads_of(svc, pid)) != threads:
+        assert time.monotonic() < deadline, f"worker {pid} computes with {now} threads, not {threads}"
+        time.sleep(0.02)
+
+
+def test_two_busy_models_split_the_cores_and_one_alone_takes_them_back(make_service: MakeService) -> None:
+    """Each model's worker is sized for the whole box; two computing at once take half each (more
+    threads than cores spin at llama.cpp's barriers: edison/pool/cpu.py), and the one left
+    running takes every core back at its next step. On one core there is nothing to split."""
+    cores = os.cpu_count() or 1
+    svc = make_service(two_models())
+    gemma = count(svc, "gemma", mode="long")
+    gemma_pid = svc.worker_for(gemma.request_id)
+    gemma.wait_for("token")
+    assert threads_of(svc, gemma_pid) == cores  # alone: all of them
+
+    small = count(svc, "small", mode="long")
+    small_pid = svc.worker_for(small.request_id, timeout=60)
+    small.wait_for("token")
+    wait_threads(svc, gemma_pid, max(1, cores // 2))
+    wait_threads(svc, small_pid, max(1, cores // 2))
+    assert not gemma.events[-1].name == "done" and not small.events[-1].name == "done"
+
+    svc.cancel(small.request_id)
+    assert small.done.data["stopped"] is True
+    wait_threads(svc, gemma_pid, cores)  # alone again, still counting
+    gemma.wait_for("token", count=sum(e.name == "token" for e in gemma.events) + 5)
+    svc.cancel(gemma.request_id)
+    assert gemma.done.data["stopped"] is True
+    assert threads_of(svc, gemma_pid) == cores and gemma_pid in models(svc)["gemma"]["workers"]
 
 
 def test_under_a_limit_of_one_the_least_recently_used_idle_model_is_unloaded(make_service: MakeService) -> None:

@@ -43,6 +43,7 @@ class WorkerHandle:
         self.started_at = 0.0
         self.last_heard = 0.0  # time.monotonic() of its last message: the stall watchdog's clock
         self.packages: tuple[str, ...] = ()  # top-level packages the worker had loaded when ready
+        self.threads: int | None = None  # as it last reported them: fewer while other workers compute
         self.process: multiprocessing.process.BaseProcess | None = None
 
     def start(

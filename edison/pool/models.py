@@ -28,6 +28,7 @@ import psutil
 
 from edison.gguf import NotGGUF, estimate_bytes
 from edison.kvstore import KVStore
+from edison.pool.cpu import CpuShare
 from edison.pool.observer import PoolObserver
 from edison.pool.pool import Pool, Unavailable
 from edison.pool.request import Request
@@ -59,6 +60,7 @@ class Models:
         self.paths = paths  # name -> GGUF file, resolved at start-up
         self.observer = observer or PoolObserver()
         self.pools: dict[str, Pool] = {}  # loading or loaded
+        self.cpu = CpuShare()  # the cores, shared by every model's busy workers
         self.unloading: dict[str, asyncio.Future[None]] = {}
         self.idle_since: dict[str, float] = {}
         self.last_used: dict[str, float] = {}  # a request came or was running: the LRU order
@@ -167,7 +169,7 @@ class Models:
         """The model's pool, created now and started once the models unloaded for room are gone."""
         victims = self._make_room(name)
         entry = self.entries[name]
-        pool = Pool(self.settings.for_model(entry), self.paths[name], self.observer, name)
+        pool = Pool(self.settings.for_model(entry), self.paths[name], self.observer, name, self.cpu)
         self.pools[name] = pool
         waits = [self.unloading[n] for n in (*victims, name) if n in self.unloading]
         logger.info("Loading model %s (%s)%s", name, os.path.basename(self.paths[name]),

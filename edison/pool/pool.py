@@ -25,12 +25,15 @@ from typing import Any
 import psutil
 
 from edison.kvstore import KVStore
+from edison.pool.cpu import CpuShare
 from edison.pool.flags import CancelFlags
 from edison.pool.handle import WorkerHandle, WorkerState
 from edison.pool.observer import PoolObserver
 from edison.pool.request import Completed, Event, Failure, Loading, Queued, Request, Stopped
 from edison.pool.supervisor import Supervisor
-from edison.protocol import Cancelled, Done, Failed, FailureKind, Format, Job, Progress, Ready, Resume, Tier, Token
+from edison.protocol import (
+    Cancelled, Done, Failed, FailureKind, Format, Job, Progress, Ready, Resume, Threads, Tier, Token,
+)
 from edison.settings import Sampling, Settings
 
 logger = logging.getLogger("edison")
@@ -47,12 +50,20 @@ class Unavailable(Exception):
 class Pool:
     """One model's workers. `Models` (models.py) keeps one per loaded model."""
 
-    def __init__(self, settings: Settings, model_path: str, observer: PoolObserver | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model_path: str,
+        observer: PoolObserver | None = None,
+        name: str = "",
+        cpu: CpuShare | None = None,
+    ) -> None:
         self.settings = settings
         self.model_path = model_path
         self.name = name or os.path.basename(model_path)
         self.slots = settings.pool.slots
         self.flags = CancelFlags(settings.pool.workers, self.slots)
+        self.cpu = cpu or CpuShare()  # one for every model's pool: see cpu.py
         self.queue: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.job_ids = itertools.count(1)
@@ -73,7 +84,7 @@ class Pool:
         return self.supervisor.heartbeat
 
     def _worker_args(self, index: int) -> tuple[Any, ...]:
-        return (self.flags.array, index, self.settings, self.model_path, os.getpid())
+        return (self.flags.array, self.cpu.value, index, self.settings, self.model_path, os.getpid())
 
     # Lifecycle.
 
@@ -90,6 +101,7 @@ class Pool:
         """Ends every request, then every worker: gently, then by force. Leaves nothing behind."""
         self.end_all("server shutting down")
         await self.supervisor.stop()
+        self.cpu.set(self, 0)
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
@@ -193,6 +205,7 @@ class Pool:
         if not worker.busy:  # the stall clock starts when the worker gets work, not at its last word
             worker.last_heard = time.monotonic()
         worker.slots[slot] = request
+        self._count_busy()
         request.worker, request.slot = worker, slot
         request.dispatched_at = request.dispatched_at or time.monotonic()
         job = dataclasses.replace(request.job, slot=slot)
@@ -234,6 +247,10 @@ class Pool:
         worker, slot = request.worker, request.slot
         if worker is not None and slot is not None and worker.slots[slot] is request:
             worker.slots[slot] = None
+            self._count_busy()
+
+    def _count_busy(self) -> None:
+        self.cpu.set(self, sum(bool(w.busy) for w in self.supervisor.live()))
 
     # Worker messages.
 
@@ -244,10 +261,14 @@ class Pool:
                 self.load_time_s = time.monotonic() - self.started_at
             self.supervisor.worker_ready(worker)
             worker.packages = message.packages
+            worker.threads = self.settings.threads
             self.prompt_format = message.prompt_format
             logger.info("Worker %d (pid %s) ready: %s, n_ctx %d, %d slots, prompt format: %s",
                         worker.index, worker.pid, message.model, message.n_ctx, message.slots, message.prompt_format)
             self._fill_slots()
+            return
+        if isinstance(message, Threads):
+            worker.threads = message.threads
             return
         job_id = getattr(message, "job_id", None)
         request = next((r for r in worker.requests() if r.job.job_id == job_id), None)
@@ -369,6 +390,7 @@ def _describe(worker: WorkerHandle, restarts: Any) -> dict[str, Any]:
         "pid": worker.pid,
         "state": worker.state.value,
         "busy_slots": worker.busy,
+        "threads": worker.threads,  # its share of the cores now (cpu.py)
         "request_ids": requests,
         "request_id": next((r for r in requests if r), None),  # the first one: kept for older clients
         "recent_crashes": len(restarts.crashes),

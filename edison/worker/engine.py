@@ -20,6 +20,7 @@ Tier 3 (the kill) lives in the pool, for a worker that ignores all of this.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import _logger as llama_logger
 
 from edison.kvstore import KVStore, common_prefix
-from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Tier
+from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Threads, Tier
 from edison.settings import ModelSettings, Settings
 from edison.worker.abort import BatchAbort
 from edison.worker.grammar import BadFormat, Constraint, grammar_text
@@ -42,6 +43,12 @@ DECODE_ABORTED = 2  # llama_decode's return value when the abort callback said s
 
 class PromptTooLong(ValueError):
     pass
+
+
+def share(threads: int, busy_workers: int) -> int:
+    """A worker's threads while `busy_workers` (itself among them) compute: the cores split
+    evenly, never more than it was given alone (pool/cpu.py)."""
+    return min(threads, max(1, (os.cpu_count() or 1) // max(1, busy_workers)))
 
 
 def llama_options(model: ModelSettings, threads: int) -> dict[str, Any]:
@@ -79,7 +86,7 @@ def context_params(model: ModelSettings, threads: int, slots: int) -> Any:
 
 
 class Engine:
-    def __init__(self, model_path: str, settings: Settings, flags: Any, base: int) -> None:
+    def __init__(self, model_path: str, settings: Settings, flags: Any, base: int, busy_workers: Any = None) -> None:
         model, pool = settings.model, settings.pool
         llama_logger.set_verbose(settings.server.log_level == "debug")  # llama.cpp's own lines: errors only
         mparams = llama_cpp.llama_model_default_params()
@@ -110,6 +117,9 @@ class Engine:
         self.cached: list[list[int]] = [[] for _ in range(self.slots)]  # tokens each KV sequence holds
         self.flags, self.base = flags, base  # flags[base + slot] >= job_id: that job is cancelled
         self.abort = BatchAbort(self.ctx.ctx, flags)
+        self.busy_workers = busy_workers  # every model's computing workers (pool/cpu.py), or None: alone
+        self.threads = (settings.threads, model.threads_batch or settings.threads)  # with the cores to itself
+        self.threads_now = self.threads
         self.store = KVStore.open(settings, model_path)  # saved states outside this process, or None
         if self.store is not None:
             self.store.start_writer()
@@ -260,6 +270,7 @@ class Engine:
                 self._end(seq, Cancelled(seq.job.job_id, seq.text(), Tier.TOKEN if seq.decoding else Tier.CHUNK, seq.usage()), emit)
         if not self.active:
             return
+        self._take_cpu_share(emit)
         rows = self._fill_batch()
         watched = [(self.base + s.job.slot, s.job.job_id) for s, _, _ in rows]
         self.abort.watching(watched, prefill=any(count > 1 for _, _, count in rows))
@@ -281,6 +292,18 @@ class Engine:
                 self._sample(seq, start + count - 1, emit)
                 if seq.n_past == seq.prompt_len:  # the prompt is read and its first token sent
                     self.save(seq.seq_id)
+
+    def _take_cpu_share(self, emit: Emit) -> None:
+        """Fewer threads while other workers (another model's) compute too, all of them again when
+        they stop: more threads than cores spin at llama.cpp's barriers (pool/cpu.py)."""
+        if self.busy_workers is None:
+            return
+        busy = self.busy_workers.value
+        wanted = (share(self.threads[0], busy), share(self.threads[1], busy))
+        if wanted != self.threads_now:
+            llama_cpp.llama_set_n_threads(self.ctx.ctx, *wanted)
+            self.threads_now = wanted
+            emit(Threads(*wanted))
 
     def _fill_batch(self) -> list[tuple[Sequence, int, int]]:
         """(sequence, first batch row, rows) for each sequence in this step's batch.

@@ -39,6 +39,7 @@ def main(
     jobs: Connection,
     results: Connection,
     flags: Any,  # multiprocessing RawArray('q'): "cancel every job id <= N", per worker and slot
+    busy_workers: Any,  # multiprocessing RawValue('i'): workers computing now, every model's (pool/cpu.py)
     index: int,
     settings: Settings,
     model_path: str,
@@ -68,7 +69,7 @@ def main(
 
         if settings.debug.load_wedge_s:
             sleep_in_c(settings.debug.load_wedge_s)  # a slow load, for tests: only the kill tier ends it
-        engine = Engine(model_path, settings, flags, index * settings.pool.slots)
+        engine = Engine(model_path, settings, flags, index * settings.pool.slots, busy_workers)
     except Exception as exc:
         logger.error("Model failed to load from %s: %s", model_path, exc)
         sys.exit(EXIT_LOAD_FAILED)
