@@ -13,8 +13,12 @@ Gemma 3 270M), 2 threads, 4 slots of 8,192 tokens each, on every system:
   has no cancel: its rows are disconnects only.
 - memory: RSS and PSS of the service's every process (psutil, the whole process tree) before any
   load, after a load of A (and one reply), after A's unload; then the same for B.
+- together: a limit of two, both models loaded and warm; a 64-token reply from each model alone,
+  then from both at once: request sent -> last token, and tokens per second after the first.
+  Each model's worker (child) has 2 threads for the 2 cores; Edison splits the cores while both
+  compute (edison/pool/cpu.py), llama-server's children each keep theirs.
 
-    python -m benchmarks.models [--trials 5] [--switches 10] [--cancels 12] [--json PATH]
+    python -m benchmarks.models [--trials 5] [--switches 10] [--cancels 12] [--together 5] [--json PATH]
 
 Ollama is left out: it cannot be installed here without a network.
 """
@@ -54,9 +58,11 @@ from edison.settings import ModelSettings
 HERE = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")  # A and B
 THREADS, N_CTX, SLOTS = 2, 8192, 4
-SECTIONS = ("cold", "switch", "cancel", "memory")
+SECTIONS = ("cold", "switch", "cancel", "memory", "together")
 QUESTION = "Count from 1 to 20, separated by commas."  # both models answer it with text at once
 REPLY_TOKENS = 16
+LONG_QUESTION = "Count from 1 to 100, separated by commas."  # a reply longer than TOGETHER_TOKENS
+TOGETHER_TOKENS = 64
 
 
 def model_path(name: str) -> str:
@@ -275,11 +281,11 @@ class LlamaRouter(ModelService, System):
         return {**super().describe(), "preset": self.preset()}
 
 
-Factory = Callable[[Path], "EdisonModels | LlamaRouter"]
+Factory = Callable[..., "EdisonModels | LlamaRouter"]  # (workdir, limit=1)
 FACTORIES: dict[str, Factory] = {
-    "edison": lambda w: EdisonModels(w),
-    "llama-server": lambda w: LlamaRouter(w),
-    "llama-server-quick": lambda w: LlamaRouter(w, quick=True),
+    "edison": lambda w, limit=1: EdisonModels(w, limit),
+    "llama-server": lambda w, limit=1: LlamaRouter(w, limit),
+    "llama-server-quick": lambda w, limit=1: LlamaRouter(w, limit, quick=True),
 }
 
 _running: list[System] = []  # stopped at exit, whatever happened
@@ -461,6 +467,43 @@ def memory(names: list[str], workdir: Path, log: Callable[[str], None]) -> list[
     return rows
 
 
+def together(names: list[str], workdir: Path, rounds: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Both models loaded, each asked alone, then both at once; the systems one after the other."""
+    rows = []
+    for name in names:
+        service = start(FACTORIES[name](workdir, limit=2))
+        try:
+            for model in MODELS:
+                ask(service, model)  # loaded and warm
+            for trial in range(rounds):
+                for at_once, asked in [(False, [m]) for m in MODELS] + [(True, list(MODELS))]:
+                    for row in replies(service, asked):
+                        rows.append({"system": service.label, "trial": trial, "together": at_once, **row,
+                                     "loadavg": os.getloadavg()[0]})
+                        log(f"together={at_once} {service.label} {row['model']}: last token "
+                            f"{fmt(row['last_token_s'])}, {row['tokens_per_s'] or 0:.1f} tok/s")
+        finally:
+            stop(service)
+    return rows
+
+
+def replies(service: ModelService, models: list[str], timeout: float = 300) -> list[dict[str, Any]]:
+    """A TOGETHER_TOKENS reply from each model, all sent at once."""
+    streams = [(model, service.chat(model, LONG_QUESTION, TOGETHER_TOKENS)) for model in models]
+    try:
+        rows = []
+        for model, stream in streams:
+            stream.closed.wait(timeout)
+            at = [e.at for e in stream.events if e.name == "token"]
+            rows.append({"model": model, "tokens": len(at), "ok": bool(at) and stream.error is None,
+                         "last_token_s": at[-1] - stream.sent_at if at else None,
+                         "tokens_per_s": (len(at) - 1) / (at[-1] - at[0]) if len(at) > 1 and at[-1] > at[0] else None})
+        return rows
+    finally:
+        for _, stream in streams:
+            stream.close()
+
+
 def fmt(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -485,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5, help="cold loads per model per system")
     parser.add_argument("--switches", type=int, default=10, help="switches per system (after one first load)")
     parser.add_argument("--cancels", type=int, default=12, help="cancels during a load (half of them disconnects)")
+    parser.add_argument("--together", type=int, default=5, help="rounds of both models at once (and each alone)")
     parser.add_argument("--systems", default=",".join(FACTORIES), help="comma-separated, from: %(default)s")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections, from: %(default)s")
     parser.add_argument("--seed", type=int, default=23)
@@ -517,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             section("cancel", lambda: cancel_during_load(names, workdir, args.cancels, results.get("cold", []),
                                                          random.Random(args.seed), log))
             section("memory", lambda: memory(names, workdir, log))
+            section("together", lambda: together(names, workdir, args.together, log))
         finally:
             for service in list(_running):
                 stop(service)
@@ -567,6 +612,15 @@ def summary(results: dict[str, Any]) -> str:
                       f"{fmt(s['unload_to_gone_s'])})" if s["step"].endswith(" unloaded") else "")
             lines.append(f"memory {row['system']:<40} {s['step']:<22} RSS {s['rss'] / 2**20:7.1f} MiB  PSS "
                          f"{s['pss'] / 2**20:7.1f} MiB{change}")
+    rows = results.get("together", [])
+    for system in dict.fromkeys(r["system"] for r in rows):
+        for model in MODELS:
+            for at_once in (False, True):
+                mine = [r for r in rows if r["system"] == system and r["model"] == model and r["together"] is at_once]
+                rates = [r["tokens_per_s"] for r in mine if r["tokens_per_s"]]
+                lines.append(f"{'both at once' if at_once else 'alone':<12} -> last token {system:<28} {model:<13} "
+                             f"{stats([r['last_token_s'] for r in mine])}  tok/s p50 "
+                             f"{statistics.median(rates) if rates else 0:.1f}")
     lines += [f"ERROR {e['section']}: {e['error']}" for e in results["errors"]]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """`python -m benchmarks.models` runs end to end on a tiny plan: Edison and llama-server's router
 both load each bundled model on demand and switch between them under a limit of one, a cancel
-during a load ends the request, and every unload leaves no model process behind. Not a
-performance test: nothing here asserts a latency (the machine is shared)."""
+during a load ends the request, every unload leaves no model process behind, and both models
+answer at once under a limit of two. Not a performance test: nothing here asserts a latency
+(the machine is shared)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_models_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         pytest.skip("llama-server is not built: python -m benchmarks.llama_server (10-15 min)")
     out = tmp_path / "models.json"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.models", "--trials", "1", "--switches", "2", "--cancels", "2",
+        [sys.executable, "-m", "benchmarks.models", "--trials", "1", "--switches", "2", "--cancels", "2", "--together", "1",
          "--systems", "edison,llama-server", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=800,
     )
@@ -47,6 +48,11 @@ def test_models_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             assert row["done"]["stopped"] is True, row
         if row["system"] == "edison":  # a load that no request waits for is abandoned
             assert row["state_after"] == "unloaded" or row["at_cancel"]["state"] == "ready", row
+
+    together = results["together"]  # each model alone, then both at once, on both systems
+    assert {(r["system"], r["model"], r["together"]) for r in together} == {
+        (s, m, t) for s in ("edison", "llama-server router") for m in ("smollm2-135m", "gemma3-270m") for t in (False, True)}
+    assert all(r["ok"] and r["tokens"] > 1 for r in together), together
 
     for row in results["memory"]:
         assert all(s.get("model_processes_gone", True) for s in row["samples"]), row
