@@ -363,6 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON, chart and logs go")
     parser.add_argument("--publish", action="store_true", help="also write benchmarks/RESULTS.md, its chart and RESULTS.json")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report (and --publish) a saved run's JSON")
+    parser.add_argument("--conversations", type=_counts, default=None, metavar="N,N",
+                        help="the conversations section's chat counts, in place of the plan's (4,8,16), e.g. 1")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one of Edison's settings (as in config.toml), e.g. --set model.n_ubatch=512")
     args = parser.parse_args(argv)
@@ -378,6 +380,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     return args
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    counts = tuple(int(n) for n in text.split(",") if n)
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected chat counts >= 1, e.g. 1,4")
+    return counts
 
 
 def _override(item: str) -> tuple[str, Any]:
@@ -403,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         return report_saved(args)
     plan = QUICK if args.quick else FULL
+    if args.conversations:
+        plan = replace(plan, conversation_counts=args.conversations)
     from edison.model import resolve_model_path
 
     model = edison_model(str(resolve_model_path(ModelSettings(path=BENCH_MODEL))), args.threads, args.overrides)
