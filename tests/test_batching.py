@@ -159,7 +159,7 @@ def test_decode_steps_are_aborted_inside_llama_decode_too(batched: Service) -> N
         done = victim.done
         assert done.data["stopped"] is True and done.at - stopped_at < NATIVE_STOP_S
         tiers.append(done.data["stopped_by"])
-    assert "native" in tiers, tiers  # twelve stops all between steps: ~1e-4 even at p = 1/2 each
+    assert "native" in tiers, tiers  # twelve stops all between steps: ~2e-4 even at p = 1/2 each
     for other in others:
         assert other.wait_for("token", count=len(tokens(other)) + 2)  # the survivors go on
         batched.cancel(other.request_id)
