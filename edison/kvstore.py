@@ -36,7 +36,7 @@ from edison.settings import Settings
 
 logger = logging.getLogger("edison.kvstore")
 
-FORMAT = 1
+FORMAT = 2  # 2: the header says from which position the sliding-window layers hold the state
 MAGIC = b"EDISONKV"
 _HEAD = struct.Struct("<8sII")  # magic, format, header JSON length
 SUFFIX = ".kv"
@@ -54,7 +54,8 @@ def identity(settings: Settings, model_path: str) -> str:
     except PackageNotFoundError:
         llama = "unknown"
     m = settings.model
-    layout = {"n_ctx": m.n_ctx, "flash_attn": m.flash_attn, "kv_type": "f16", "swa_full": True, "kv_unified": False}
+    layout = {"n_ctx": m.n_ctx, "flash_attn": m.flash_attn, "kv_type": "f16", "swa_full": m.swa_full,
+              "kv_unified": False}
     text = json.dumps({"format": FORMAT, "model": [size, head], "layout": layout, "llama": llama}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -64,6 +65,13 @@ class Entry:
     path: Path
     tier: str
     tokens: array  # 'i': the token ids whose KV the entry holds
+    first: int = 0  # its sliding-window layers hold positions from here on (0: every one)
+
+    def reusable(self, shared: int, wanted: int, window: int) -> int:
+        """How many tokens a prompt of `wanted` tokens, `shared` of them with this entry, can
+        keep after restoring it (the engine's rule, `Engine.reusable`; 0: none)."""
+        keep = min(shared, wanted - 1)
+        return keep if keep > 0 and self.first <= max(0, keep - window + 1) else 0
 
 
 class Tier:
@@ -84,9 +92,9 @@ class Tier:
             del self.index[gone]
         for name in names.keys() - self.index.keys():
             path = self.directory / name
-            tokens = read_tokens(path, ident)
-            if tokens is not None:
-                self.index[name] = Entry(path, self.name, tokens)
+            found = read_tokens(path, ident)
+            if found is not None:
+                self.index[name] = Entry(path, self.name, *found)
         return list(self.index.values())
 
     def used(self) -> tuple[int, int]:
@@ -124,8 +132,9 @@ class Tier:
         return files
 
 
-def read_tokens(path: Path, ident: str) -> array | None:
-    """The tokens of a valid entry of this identity; anything else is dropped with one log line."""
+def read_tokens(path: Path, ident: str) -> tuple[array, int] | None:
+    """The tokens of a valid entry of this identity, and its first position; anything else is
+    dropped with one log line."""
     try:
         with open(path, "rb") as f:
             header = _read_header(f, ident)
@@ -133,7 +142,7 @@ def read_tokens(path: Path, ident: str) -> array | None:
             tokens.frombytes(f.read(4 * header["n_tokens"]))
         if len(tokens) != header["n_tokens"] or path.stat().st_size != _size(header):
             raise ValueError("truncated")
-        return tokens
+        return tokens, int(header["first"])
     except FileNotFoundError:
         return None  # another worker evicted it
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -196,32 +205,33 @@ def common_prefix(a: Any, b: Any) -> int:
 class KVStore:
     """One per worker process (and one in the web process, to report the tiers' use)."""
 
-    def __init__(self, tiers: list[Tier], ident: str, min_tokens: int) -> None:
+    def __init__(self, tiers: list[Tier], ident: str, min_tokens: int, window: int = 0) -> None:
         self.tiers = [t for t in tiers if t.budget > 0]
         self.ident, self.min_tokens = ident, min_tokens
-        self.pending: queue.Queue[tuple[Tier, str, bytes | Path, list[int]] | None] = queue.Queue(maxsize=4)
+        self.window = window  # the model's sliding window, in tokens (0: none)
+        self.pending: queue.Queue[tuple[Tier, str, bytes | Path, Entry] | None] = queue.Queue(maxsize=4)
         self.writer: threading.Thread | None = None
 
     @classmethod
-    def open(cls, settings: Settings, model_path: str) -> KVStore | None:
+    def open(cls, settings: Settings, model_path: str, window: int = 0) -> KVStore | None:
         kv = settings.kv_cache
         if kv.ram_mib <= 0 and kv.disk_mib <= 0:
             return None
         ident = identity(settings, model_path)
         return cls([Tier(name, directory / ident[:16], budget) for name, directory, budget in tier_places(settings)],
-                   ident, kv.min_tokens)
+                   ident, kv.min_tokens, window)
 
     # Finding and reading.
 
     def lookup(self, tokens: list[int], beyond: int) -> tuple[Entry, int] | None:
-        """The entry sharing the longest prefix with `tokens`, if it shares more than `beyond`
-        tokens; RAM before disk when both hold as much."""
+        """The entry that lets `tokens` keep the most of their prefix (`Entry.reusable`), if that
+        is more than `beyond` tokens, and how many; RAM before disk when both give as much."""
         best: tuple[Entry, int] | None = None
         for tier in self.tiers:
             for entry in tier.scan(self.ident):
-                shared = common_prefix(entry.tokens, tokens)
-                if shared > beyond and (best is None or shared > best[1]):
-                    best = (entry, shared)
+                keep = entry.reusable(common_prefix(entry.tokens, tokens), len(tokens), self.window)
+                if keep > beyond and (best is None or keep > best[1]):
+                    best = (entry, keep)
         return best
 
     def load(self, entry: Entry) -> bytes | None:
@@ -248,25 +258,27 @@ class KVStore:
 
     # Saving.
 
-    def save(self, tokens: list[int], state: bytes) -> None:
-        """Into the first tier now (a tmpfs write of a few MiB), into the others behind it."""
+    def save(self, tokens: list[int], state: bytes, first: int = 0) -> None:
+        """Into the first tier now (a tmpfs write of a few MiB), into the others behind it.
+        `first`: the first position the state's sliding-window layers hold."""
         if len(tokens) < self.min_tokens or not self.tiers:
             return
         token_bytes = array("i", tokens).tobytes()
         name = hashlib.sha256(token_bytes).hexdigest()[:32] + SUFFIX
         header = json.dumps({"identity": self.ident, "n_tokens": len(tokens), "state_bytes": len(state),
-                             "crc32": zlib.crc32(state)}).encode()
+                             "crc32": zlib.crc32(state), "first": first}).encode()
         blob = _HEAD.pack(MAGIC, FORMAT, len(header)) + header + token_bytes
         ram = self.tiers[0] if self.tiers[0].name == "ram" else None
-        written = self._write(ram, name, blob + state, tokens) if ram else None
+        made = Entry(Path(name), "", array("i", tokens), first)
+        written = self._write(ram, name, blob + state, made) if ram else None
         for tier in self.tiers[1 if ram else 0:]:  # disk: written behind, never in the decode loop
             source: bytes | Path = written if written is not None else blob + state
             try:
-                self.pending.put_nowait((tier, name, source, tokens))
+                self.pending.put_nowait((tier, name, source, made))
             except queue.Full:
                 logger.info("KV cache: the %s tier is behind; one save skipped there", tier.name)
 
-    def _write(self, tier: Tier, name: str, data: bytes, tokens: list[int]) -> Path | None:
+    def _write(self, tier: Tier, name: str, data: bytes, made: Entry) -> Path | None:
         if tier.broken:
             return None
         if len(data) > tier.budget:
@@ -286,15 +298,18 @@ class KVStore:
             tier.broken = True
             logger.warning("KV cache: cannot write to the %s tier (%s): it is off for this process", tier.name, exc)
             return None
-        self._drop_prefixes(tier, tokens, keep=name)
+        self._drop_prefixes(tier, made)
         tier.trim(keep=target)
         return target
 
-    def _drop_prefixes(self, tier: Tier, tokens: list[int], keep: str) -> None:
-        """An entry whose tokens the new one extends holds nothing the new one does not."""
+    def _drop_prefixes(self, tier: Tier, made: Entry) -> None:
+        """An entry whose tokens the new one extends holds nothing the new one does not, unless
+        the new one's sliding window has moved past it: then a prompt that ends where the old
+        one does (a reply regenerated) still needs the old one."""
         for entry in tier.scan(self.ident):
-            if entry.path.name != keep and len(entry.tokens) <= len(tokens) and \
-                    common_prefix(entry.tokens, tokens) == len(entry.tokens):
+            n = len(entry.tokens)
+            if entry.path.name != made.path.name and n <= len(made.tokens) and \
+                    common_prefix(entry.tokens, made.tokens) == n and made.reusable(n, n, self.window) == n - 1:
                 remove(entry.path)
                 tier.index.pop(entry.path.name, None)
 
@@ -308,12 +323,12 @@ class KVStore:
 
     def _write_behind(self) -> None:
         while (item := self.pending.get()) is not None:
-            tier, name, source, tokens = item
+            tier, name, source, made = item
             try:
                 data = source.read_bytes() if isinstance(source, Path) else source
             except OSError:
                 continue  # evicted from RAM before it got here
-            self._write(tier, name, data, tokens)  # never raises: a failed write turns the tier off
+            self._write(tier, name, data, made)  # never raises: a failed write turns the tier off
 
     def flush(self, timeout: float = 30.0) -> None:
         """Waits for the writes behind (tests, and a clean shutdown)."""

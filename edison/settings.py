@@ -46,6 +46,11 @@ class ModelSettings:
     n_batch: int = 512
     n_ubatch: int = 128
     flash_attn: bool = True
+    # Sliding-window layers (Gemma's) keep only their window, as llama-server does: half the KV
+    # memory and faster decode on long chats. True keeps every position, so that a turn that goes
+    # back further than the window (an edited message, a regenerated long reply) still reuses
+    # its prefix instead of reading it again (the saved states cover the common cases).
+    swa_full: bool = False
     n_gpu_layers: int = 0
     threads: int = 0  # per worker; 0 = cores / workers, at least 1
     threads_batch: int = 0  # per worker for prefill; 0 = same as threads
@@ -130,8 +135,8 @@ class ModeSettings:
 
 
 # The keys of a [models.NAME] table that override [model], and those that override [pool].
-MODEL_KEYS = ("path", "cache_dir", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_gpu_layers", "threads",
-              "threads_batch", "prompt_format")
+MODEL_KEYS = ("path", "cache_dir", "n_ctx", "n_batch", "n_ubatch", "flash_attn", "swa_full", "n_gpu_layers",
+              "threads", "threads_batch", "prompt_format")
 POOL_KEYS = ("workers", "slots", "queue_size")
 NEVER = -1.0  # keep_alive_s: never unloaded for being idle
 

@@ -1,6 +1,10 @@
 """The prompt cache: a returning turn keeps the KV cache of everything it shares with what a slot
 holds (all but the last prompt token, which is read again for fresh logits), finds the slot that
-holds its history among the free ones, and reads only its new tokens; the reply stays whole."""
+holds its history among the free ones, and reads only its new tokens; the reply stays whole.
+
+The test model's sliding-window layers keep only their 512-token window (`swa_full = false`), so
+a prompt that goes back further than the slot still holds is read again, never continued over a
+window with holes in it, and a regenerated long reply restores the prompt's saved state."""
 
 from __future__ import annotations
 
@@ -48,3 +52,48 @@ def test_returning_turns_read_only_what_they_add(make_service: Callable[..., Ser
     metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
     cached = next(line for line in metrics.splitlines() if line.startswith("edison_prompt_tokens_cached_total"))
     assert float(cached.split()[-1]) >= warm["cached_tokens"]
+
+
+NO_STORE = {"ram_mib": 0, "disk_mib": 0}
+
+
+def count_to(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1)) + ","
+
+
+def test_a_prompt_that_goes_back_beyond_the_window_is_read_again(make_service: Callable[..., Service]) -> None:
+    """The second prompt shares its first ~1,040 tokens with the first (~1,440), whose slot then holds
+    ~1,500 positions, of which its sliding-window layers kept the last ~768: the token after the
+    shared ones would find most of its 512-token window gone. With every position kept
+    (`swa_full`), the same prompt keeps them."""
+    for swa_full in (False, True):
+        svc = make_service({"pool": {"workers": 1, "slots": 1}, "kv_cache": NO_STORE, "model": {"swa_full": swa_full}})
+        first = usage(svc, count_to(380))["usage"]
+        assert first["prompt_tokens"] > 1300 and first["cached_tokens"] == 0, first
+        again = usage(svc, count_to(230))["usage"]  # a whole count: what was kept is a sound prefix
+        if swa_full:
+            assert again["cached_tokens"] >= again["prompt_tokens"] - 8 and again["cached_from"] == "slot", again
+        else:
+            assert again["cached_tokens"] == 0, again
+        # Forward from what the slot holds: always kept, up to where the transcript's closing
+        # "Assistant:" line of the second prompt differs from the longer count.
+        extended = usage(svc, count_to(240))["usage"]
+        assert extended["cached_tokens"] >= again["prompt_tokens"] - 8, extended
+
+
+def test_a_regenerated_long_reply_restores_the_prompt_it_answered(make_service: Callable[..., Service]) -> None:
+    """A 320-token reply moves the slot's window past its prompt's end, so the same prompt sent
+    again (a regenerate) cannot keep the slot's prompt; it restores the state saved when the
+    prompt's first token was sent, which a later save of the prompt and its reply must not drop."""
+    count320 = {"description": "a long count", "system_prompt": "", "temperature": 0.0, "seed": 1,
+                "max_tokens": 320, "repeat_penalty": 1.0}
+    svc = make_service({"pool": {"workers": 1, "slots": 1}, "modes": {"count320": count320}})
+    prompt = count_to(260)  # ~1,000 tokens
+    for turn in range(2):
+        done = chat(svc.url, prompt, mode="count320")[-1].data
+        assert done["ok"] is True and done["usage"]["completion_tokens"] == 320, done
+        assert consecutive(done["response"]), done["response"]
+        if turn == 0:
+            assert done["usage"]["cached_tokens"] == 0, done["usage"]
+    again = done["usage"]
+    assert again["cached_from"] == "ram" and again["cached_tokens"] == again["prompt_tokens"] - 1, again

@@ -73,7 +73,7 @@ def context_params(model: ModelSettings, threads: int, slots: int) -> Any:
     params.n_ctx = model.n_ctx * slots
     params.n_seq_max = slots
     params.kv_unified = False
-    params.swa_full = True  # keeps every position, so a follow-up turn can reuse its prefix
+    params.swa_full = model.swa_full  # off: sliding-window layers keep their window only (`Engine.reusable`)
     params.n_batch = model.n_batch + slots  # a prefill piece plus one token per other sequence
     params.n_ubatch = model.n_ubatch
     params.n_threads = threads
@@ -98,6 +98,7 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self.n_swa = llama_cpp.llama_model_n_swa(self.model.model)  # 0: no sliding-window layers
         self.n_ctx = model.n_ctx  # per sequence: prompt and reply of one request
         self.slots = pool.slots
         self.chunk = min(pool.prefill_chunk, model.n_batch)  # prefill tokens per step, alone
@@ -120,7 +121,7 @@ class Engine:
         self.busy_workers = busy_workers  # every model's computing workers (pool/cpu.py), or None: alone
         self.threads = (settings.threads, model.threads_batch or settings.threads)  # with the cores to itself
         self.threads_now = self.threads
-        self.store = KVStore.open(settings, model_path)  # saved states outside this process, or None
+        self.store = KVStore.open(settings, model_path, window=self.n_swa)  # saved states outside this process, or None
         if self.store is not None:
             self.store.start_writer()
         self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
@@ -214,7 +215,7 @@ class Engine:
         a few milliseconds between steps (a cancel lands at the next step, as in a prefill)."""
         if self.store is None:
             return "slot"
-        in_slot = common_prefix(self.cached[seq.seq_id], seq.tokens)
+        in_slot = self.reusable(seq.seq_id, seq.tokens)
         found = self.store.lookup(seq.tokens, beyond=max(in_slot, self.store.min_tokens))
         state = self.store.load(found[0]) if found else None
         if found is None or state is None:
@@ -224,8 +225,9 @@ class Engine:
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         read = llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(state), seq.seq_id)
         held = llama_cpp.llama_memory_seq_pos_max(self.memory, seq.seq_id) + 1
-        if read == 0 or held != len(entry.tokens):
-            self.store.forget(entry, f"llama.cpp did not take it (read {read} bytes, {held} positions)")
+        first = llama_cpp.llama_memory_seq_pos_min(self.memory, seq.seq_id)
+        if read == 0 or held != len(entry.tokens) or first > entry.first:
+            self.store.forget(entry, f"llama.cpp did not take it (read {read} bytes, positions {first} to {held})")
             self._drop_kv(seq)
             return "slot"
         self.cached[seq.seq_id] = entry.tokens.tolist()
@@ -243,8 +245,28 @@ class Engine:
         size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         if llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buf, size, seq_id) == size:
-            self.store.save(held, bytes(buf))
+            first = max(0, llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+            if self.n_swa:  # of the sliding-window layers, a state keeps only its last token's window
+                first = max(first, len(held) - self.n_swa)
+            self.store.save(held, bytes(buf), first)
             self.saved[seq_id] = len(held)
+
+    def reusable(self, seq_id: int, tokens: list[int]) -> int:
+        """How many of `tokens` the KV sequence can keep: the prefix it shares with them, less
+        the last token (always evaluated again, for fresh logits), or 0 if that goes back beyond
+        what its sliding-window layers still hold.
+
+        Without `swa_full` those layers keep only the positions still in some token's window
+        (llama.cpp keeps them contiguous, from `seq_pos_min` on), so the token after the kept
+        ones must still find its whole window there: the n_swa - 1 positions before it (a
+        standard window; a chunked or symmetric one needs fewer). A turn that extends the history
+        always passes; one that goes back further than the cache's slack (an edited message, a
+        long reply regenerated) reads again, or restores a saved state that ends earlier.
+        """
+        keep = min(common_prefix(self.cached[seq_id], tokens), len(tokens) - 1)
+        if keep > 0 and llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id) > max(0, keep - self.n_swa + 1):
+            return 0
+        return keep
 
     def _reuse_prefix(self, seq: Sequence) -> int:
         """Keeps the KV cache of every token this prompt shares with what its sequence holds, as
@@ -252,12 +274,11 @@ class Engine:
         before, kept warm and cold replies byte-identical, but re-read up to 511 tokens a turn;
         llama.cpp promises no identical bytes across batch shapes anyway.)
         """
-        cached, tokens = self.cached[seq.seq_id], seq.tokens
-        keep = min(common_prefix(cached, tokens), len(tokens) - 1)  # always evaluate one token: fresh logits
+        keep = self.reusable(seq.seq_id, seq.tokens)
         if not llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, seq.seq_id, 0, -1)  # cannot cut there: start over
             keep = 0
-        self.cached[seq.seq_id] = tokens[:keep]
+        self.cached[seq.seq_id] = seq.tokens[:keep]
         self.saved[seq.seq_id] = min(self.saved[seq.seq_id], keep)
         return keep
 
