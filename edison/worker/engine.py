@@ -121,7 +121,7 @@ class Engine:
         self.busy_workers = busy_workers  # every model's computing workers (pool/cpu.py), or None: alone
         self.threads = (settings.threads, model.threads_batch or settings.threads)  # with the cores to itself
         self.threads_now = self.threads
-        self.store = KVStore.open(settings, model_path, window=self.n_swa)  # saved states outside this process, or None
+        self.store = KVStore.open(settings, model_path, self.n_swa)  # saved states outside this process, or None
         if self.store is not None:
             self.store.start_writer()
         self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
