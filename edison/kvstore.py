@@ -313,6 +313,20 @@ class KVStore:
                 remove(entry.path)
                 tier.index.pop(entry.path.name, None)
 
+    def sweep_older_formats(self) -> None:
+        """Deletes what an older Edison saved: entries of another format sit in another
+        identity's directory, which nothing reads any more, and would hold their tmpfs RAM until
+        a reboot. A directory with any entry of this format (another model's) is left alone."""
+        for tier in self.tiers:
+            for directory in _subdirectories(tier.directory.parent):
+                if directory != tier.directory and _older_format(directory):
+                    logger.info("KV cache: deleting %s, saved by an older Edison", directory)
+                    for path in directory.iterdir():
+                        if path.name.endswith((SUFFIX, ".partial")):  # its own files only
+                            remove(path)
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()  # only if nothing else was in it
+
     def start_writer(self) -> None:
         """The thread that writes behind: started with the worker's engine, so that a worker has
         the same threads from the start to the end (the soak counts them), and never in the web
@@ -344,6 +358,26 @@ class KVStore:
             entries, used = tier.used()
             out[tier.name] = {"entries": entries, "bytes": used, "budget_bytes": tier.budget}
         return out
+
+
+def _subdirectories(parent: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _older_format(directory: Path) -> bool:
+    """Every entry in it is an Edison entry of an older format (and there is one)."""
+    formats = []
+    for path in directory.glob(f"*{SUFFIX}"):
+        try:
+            with open(path, "rb") as f:
+                magic, fmt, _ = _HEAD.unpack(f.read(_HEAD.size))
+        except (OSError, struct.error):
+            continue
+        formats.append(fmt if magic == MAGIC else FORMAT)
+    return bool(formats) and max(formats) < FORMAT
 
 
 def tier_places(settings: Settings) -> list[tuple[str, Path, int]]:

@@ -1,8 +1,9 @@
 """Conversations that come back: a history's KV cache is saved outside the worker (edison/kvstore.py)
 and restored, after its slot went to another conversation, after its worker was SIGKILLed, and
 after the service restarted; a damaged entry, one from another model and a full budget are each
-dropped, logged and answered from scratch. One slot per worker, so each new conversation takes
-the slot from the last one. Replies are checked as counts (tests/support.py), never as text."""
+dropped, logged and answered from scratch; what an older Edison saved is deleted. One slot per
+worker, so each new conversation takes the slot from the last one. Replies are checked as counts
+(tests/support.py), never as text."""
 
 from __future__ import annotations
 
@@ -172,3 +173,29 @@ def test_a_cancel_right_after_a_restore_begins_stops_within_the_prefill_bounds(m
     wait_idle(pid, within=3.0)
     assert svc.worker_pids() == [pid]  # the flag stopped it, not the kill tier
     assert ann.turn()["cached_from"] in ("slot", "ram")
+
+
+def test_older_format_entries_are_deleted_at_start_others_kept(make_service: MakeService) -> None:
+    """An upgrade changes the entries' format, so their identity's directory is never read again:
+    a worker deletes such directories when it starts, or they would hold tmpfs RAM until a
+    reboot. A directory of this format (another model's) stays, and so does a stranger's file."""
+    svc = make_service(ONE_SLOT)
+    ann = Conversation(svc, "Ann")
+    ann.turn()
+    ours = entries(kv_dirs(svc)[0])
+    assert ours
+    parent = ours[0].parent.parent  # <ram_dir>/edison-kv-<uid>, one directory per identity
+    header = json.dumps({"identity": "0" * 64, "n_tokens": 0, "state_bytes": 0, "crc32": 0}).encode()
+    old, other = parent / "0123456789abcdef", parent / "fedcba9876543210"
+    for directory, fmt in ((old, 1), (other, ours[0].read_bytes()[8])):
+        directory.mkdir()
+        (directory / "a.kv").write_bytes(struct.pack("<8sII", b"EDISONKV", fmt, len(header)) + header)
+    (old / "notes.txt").write_text("not Edison's")
+    svc.stop()
+    ann.svc = svc = Service(svc.config, svc.log_path).start()
+    try:
+        assert not (old / "a.kv").exists() and (old / "notes.txt").exists(), list(old.iterdir())
+        assert (other / "a.kv").exists()
+        assert ann.turn()["cached_from"] == "ram"  # its own entries were kept too
+    finally:
+        svc.stop()

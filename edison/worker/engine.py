@@ -123,6 +123,7 @@ class Engine:
         self.threads_now = self.threads
         self.store = KVStore.open(settings, model_path, self.n_swa)  # saved states outside this process, or None
         if self.store is not None:
+            self.store.sweep_older_formats()
             self.store.start_writer()
         self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
         self.last_used = [-1] * self.slots  # when a job last took each KV sequence (-1: never)
