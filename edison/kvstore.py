@@ -67,11 +67,21 @@ class Entry:
     tokens: array  # 'i': the token ids whose KV the entry holds
     first: int = 0  # its sliding-window layers hold positions from here on (0: every one)
 
-    def reusable(self, shared: int, wanted: int, window: int) -> int:
-        """How many tokens a prompt of `wanted` tokens, `shared` of them with this entry, can
-        keep after restoring it (the engine's rule, `Engine.reusable`; 0: none)."""
-        keep = min(shared, wanted - 1)
-        return keep if keep > 0 and self.first <= max(0, keep - window + 1) else 0
+
+def kept_prefix(shared: int, wanted: int, first: int, window: int) -> int:
+    """How many tokens a prompt of `wanted` tokens can keep of a KV sequence (in a slot, or a
+    saved state) that shares `shared` with it and whose sliding-window layers hold positions
+    from `first` on; 0: none.
+
+    Never the last token (read again, for fresh logits). And the token after the kept ones must
+    find its whole window there: the `window` - 1 positions before it (a standard window, mask
+    `query - key >= window`; a chunked or symmetric one needs fewer). llama.cpp keeps a window
+    layer's positions contiguous, from `seq_pos_min` on. A history that grows always passes; a
+    prompt that goes back further than the cache's slack (an edited message, a long reply
+    regenerated) keeps nothing of that sequence.
+    """
+    keep = min(shared, wanted - 1)
+    return keep if keep > 0 and first <= max(0, keep - window + 1) else 0
 
 
 class Tier:
@@ -209,7 +219,7 @@ class KVStore:
         self.tiers = [t for t in tiers if t.budget > 0]
         self.ident, self.min_tokens = ident, min_tokens
         self.window = window  # the model's sliding window, in tokens (0: none)
-        self.pending: queue.Queue[tuple[Tier, str, bytes | Path, Entry] | None] = queue.Queue(maxsize=4)
+        self.pending: queue.Queue[tuple[Tier, bytes | Path, Entry] | None] = queue.Queue(maxsize=4)
         self.writer: threading.Thread | None = None
 
     @classmethod
@@ -224,12 +234,12 @@ class KVStore:
     # Finding and reading.
 
     def lookup(self, tokens: list[int], beyond: int) -> tuple[Entry, int] | None:
-        """The entry that lets `tokens` keep the most of their prefix (`Entry.reusable`), if that
+        """The entry that lets `tokens` keep the most of their prefix (`kept_prefix`), if that
         is more than `beyond` tokens, and how many; RAM before disk when both give as much."""
         best: tuple[Entry, int] | None = None
         for tier in self.tiers:
             for entry in tier.scan(self.ident):
-                keep = entry.reusable(common_prefix(entry.tokens, tokens), len(tokens), self.window)
+                keep = kept_prefix(common_prefix(entry.tokens, tokens), len(tokens), entry.first, self.window)
                 if keep > beyond and (best is None or keep > best[1]):
                     best = (entry, keep)
         return best
@@ -270,22 +280,23 @@ class KVStore:
         blob = _HEAD.pack(MAGIC, FORMAT, len(header)) + header + token_bytes
         ram = self.tiers[0] if self.tiers[0].name == "ram" else None
         made = Entry(Path(name), "", array("i", tokens), first)
-        written = self._write(ram, name, blob + state, made) if ram else None
+        written = self._write(ram, blob + state, made) if ram else None
         for tier in self.tiers[1 if ram else 0:]:  # disk: written behind, never in the decode loop
             source: bytes | Path = written if written is not None else blob + state
             try:
-                self.pending.put_nowait((tier, name, source, made))
+                self.pending.put_nowait((tier, source, made))
             except queue.Full:
                 logger.info("KV cache: the %s tier is behind; one save skipped there", tier.name)
 
-    def _write(self, tier: Tier, name: str, data: bytes, made: Entry) -> Path | None:
+    def _write(self, tier: Tier, data: bytes, made: Entry) -> Path | None:
+        """`made`: the entry being written, its file name as its path."""
         if tier.broken:
             return None
         if len(data) > tier.budget:
             logger.info("KV cache: a state of %.1f MiB is larger than the %s tier's budget: not saved there",
                         len(data) / 2**20, tier.name)
             return None
-        target = tier.directory / name
+        target = tier.directory / made.path.name
         partial = target.with_suffix(f".{os.getpid()}.partial")
         try:
             private_directory(tier.directory)
@@ -308,15 +319,16 @@ class KVStore:
         one does (a reply regenerated) still needs the old one."""
         for entry in tier.scan(self.ident):
             n = len(entry.tokens)
-            if entry.path.name != made.path.name and n <= len(made.tokens) and \
-                    common_prefix(entry.tokens, made.tokens) == n and made.reusable(n, n, self.window) == n - 1:
+            extended = n <= len(made.tokens) and common_prefix(entry.tokens, made.tokens) == n
+            if entry.path.name != made.path.name and extended and kept_prefix(n, n, made.first, self.window) == n - 1:
                 remove(entry.path)
                 tier.index.pop(entry.path.name, None)
 
     def sweep_older_formats(self) -> None:
         """Deletes what an older Edison saved: entries of another format sit in another
         identity's directory, which nothing reads any more, and would hold their tmpfs RAM until
-        a reboot. A directory with any entry of this format (another model's) is left alone."""
+        a reboot. A directory with any entry of this format (another model's) is left alone.
+        Called by the web process once per model load, before its workers start."""
         for tier in self.tiers:
             for directory in _subdirectories(tier.directory.parent):
                 if directory != tier.directory and _older_format(directory):
@@ -337,12 +349,12 @@ class KVStore:
 
     def _write_behind(self) -> None:
         while (item := self.pending.get()) is not None:
-            tier, name, source, made = item
+            tier, source, made = item
             try:
                 data = source.read_bytes() if isinstance(source, Path) else source
             except OSError:
                 continue  # evicted from RAM before it got here
-            self._write(tier, name, data, made)  # never raises: a failed write turns the tier off
+            self._write(tier, data, made)  # never raises: a failed write turns the tier off
 
     def flush(self, timeout: float = 30.0) -> None:
         """Waits for the writes behind (tests, and a clean shutdown)."""

@@ -46,8 +46,8 @@ class ModelSettings:
     n_batch: int = 512
     n_ubatch: int = 128
     flash_attn: bool = True
-    # Sliding-window layers (Gemma's) keep only their window, as llama-server does: half the KV
-    # memory and faster decode on long chats. True keeps every position, so that a turn that goes
+    # Sliding-window layers (Gemma's) keep only their window, as llama-server does: half a Gemma
+    # worker's memory, at the same decode speed. True keeps every position, so that a turn that goes
     # back further than the window (an edited message, a regenerated long reply) still reuses
     # its prefix instead of reading it again (the saved states cover the common cases).
     swa_full: bool = False

@@ -177,7 +177,7 @@ def test_a_cancel_right_after_a_restore_begins_stops_within_the_prefill_bounds(m
 
 def test_older_format_entries_are_deleted_at_start_others_kept(make_service: MakeService) -> None:
     """An upgrade changes the entries' format, so their identity's directory is never read again:
-    a worker deletes such directories when it starts, or they would hold tmpfs RAM until a
+    such directories are deleted when the model loads, or they would hold tmpfs RAM until a
     reboot. A directory of this format (another model's) stays, and so does a stranger's file."""
     svc = make_service(ONE_SLOT)
     ann = Conversation(svc, "Ann")

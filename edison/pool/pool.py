@@ -69,7 +69,9 @@ class Pool:
         self.job_ids = itertools.count(1)
         self.closing = False
         self.prompt_format = ""  # as the first ready worker reports it
-        self.kv_store = KVStore.open(settings, model_path)  # only to report the saved states' tiers
+        self.kv_store = KVStore.open(settings, model_path)  # to report the saved states' tiers
+        if self.kv_store is not None:
+            self.kv_store.sweep_older_formats()  # once per model load, not at every worker spawn
         self.observer = observer or PoolObserver()
         self.supervisor = Supervisor(
             settings.pool, self._worker_args, self._on_message, self._on_lost, self._fill_slots, self.observer

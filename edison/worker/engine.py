@@ -29,7 +29,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 from llama_cpp import _logger as llama_logger
 
-from edison.kvstore import KVStore, common_prefix
+from edison.kvstore import KVStore, common_prefix, kept_prefix
 from edison.protocol import Cancelled, Done, Failed, FailureKind, Job, Progress, Threads, Tier
 from edison.settings import ModelSettings, Settings
 from edison.worker.abort import BatchAbort
@@ -123,7 +123,6 @@ class Engine:
         self.threads_now = self.threads
         self.store = KVStore.open(settings, model_path, self.n_swa)  # saved states outside this process, or None
         if self.store is not None:
-            self.store.sweep_older_formats()
             self.store.start_writer()
         self.saved = [0] * self.slots  # how much of each KV sequence's `cached` the store holds
         self.last_used = [-1] * self.slots  # when a job last took each KV sequence (-1: never)
@@ -253,21 +252,11 @@ class Engine:
             self.saved[seq_id] = len(held)
 
     def reusable(self, seq_id: int, tokens: list[int]) -> int:
-        """How many of `tokens` the KV sequence can keep: the prefix it shares with them, less
-        the last token (always evaluated again, for fresh logits), or 0 if that goes back beyond
-        what its sliding-window layers still hold.
-
-        Without `swa_full` those layers keep only the positions still in some token's window
-        (llama.cpp keeps them contiguous, from `seq_pos_min` on), so the token after the kept
-        ones must still find its whole window there: the n_swa - 1 positions before it (a
-        standard window; a chunked or symmetric one needs fewer). A turn that extends the history
-        always passes; one that goes back further than the cache's slack (an edited message, a
-        long reply regenerated) reads again, or restores a saved state that ends earlier.
-        """
-        keep = min(common_prefix(self.cached[seq_id], tokens), len(tokens) - 1)
-        if keep > 0 and llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id) > max(0, keep - self.n_swa + 1):
-            return 0
-        return keep
+        """How many of `tokens` the KV sequence can keep (`kept_prefix`): without `swa_full` its
+        sliding-window layers hold only the positions still in some token's window, so a prompt
+        that goes back further reads again, or restores a saved state that ends earlier."""
+        first = llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id)
+        return kept_prefix(common_prefix(self.cached[seq_id], tokens), len(tokens), first, self.n_swa)
 
     def _reuse_prefix(self, seq: Sequence) -> int:
         """Keeps the KV cache of every token this prompt shares with what its sequence holds, as
